@@ -1,0 +1,170 @@
+"""What the server hands to the decode loop and what it gets back: plain data, no HTTP, no torch.
+
+The server (serve/) turns OpenAI wire requests into a `SpeechRequest`, submits it to a
+`SpeechEngine` and consumes `Event`s from the returned `Generation` handle. The engine runs
+generation on its own worker thread; events cross into asyncio through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import uuid
+from typing import AsyncIterator, Literal, Protocol, Union
+
+import numpy as np
+
+SAMPLE_RATE = 24000
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. temperature 0 means greedy; top_k None/0 and top_p 1.0 mean off."""
+
+    temperature: float = 0.7
+    top_k: int | None = None
+    top_p: float = 0.95
+    ras_window: int = 7  # repetition-aware sampling window; <= 0 disables RAS
+    ras_max_repeat: int = 2
+    seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioCodes:
+    """Codec codes of one reference clip: int64 (num_codebooks, frames), values in [0, 1023]."""
+
+    codes: np.ndarray
+
+
+Content = Union[str, AudioCodes]
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One chat message: role is system | user | assistant; content pieces are rendered in order."""
+
+    role: str
+    content: tuple[Content, ...]
+
+
+@dataclasses.dataclass
+class SpeechRequest:
+    messages: list[Message]
+    sampling: SamplingParams = SamplingParams()
+    max_tokens: int = 1024  # every generation step counts once (spec llm.md §5.7)
+    stop_strings: tuple[str, ...] = ("<|end_of_text|>", "<|eot_id|>")
+    force_audio: bool = True  # append <|audio_out_bos|> after the assistant header
+    request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioChunk:
+    """Final PCM samples, float32 mono at SAMPLE_RATE, in playback order."""
+
+    pcm: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDelta:
+    token_ids: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    finish_reason: Literal["stop", "length", "cancelled", "error"]
+    stop_reason: int | str | None  # 1025 when the audio stream ended by itself
+    prompt_tokens: int
+    completion_tokens: int
+    audio_seconds: float
+    error: str | None = None
+
+
+Event = Union[AudioChunk, TextDelta, Finished]
+
+
+class QueueFull(Exception):
+    """The engine's bounded request queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float = 1.0):
+        super().__init__("request queue is full")
+        self.retry_after = retry_after
+
+
+class Generation:
+    """Handle of one submitted request. The engine pushes events; the consumer iterates them.
+
+    Created on the consumer's event loop (or without one, for blocking use). `cancel()` is
+    honoured by the engine within one decode step.
+    """
+
+    def __init__(self, request: SpeechRequest, loop: asyncio.AbstractEventLoop | None = None):
+        self.request = request
+        self._loop = loop
+        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._sync_events: list[Event] = []
+        self._sync_cond = threading.Condition()
+        self._cancelled = threading.Event()
+
+    # engine side -------------------------------------------------------------
+    def push(self, event: Event) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, event)
+            except RuntimeError:  # consumer's loop closed: nobody is listening any more
+                self._cancelled.set()
+        else:
+            with self._sync_cond:
+                self._sync_events.append(event)
+                self._sync_cond.notify_all()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # consumer side -----------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    async def events(self) -> AsyncIterator[Event]:
+        assert self._async_queue is not None, "Generation was created without an event loop"
+        while True:
+            event = await self._async_queue.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def iter_blocking(self):
+        """Blocking iteration for CLIs and tests without asyncio."""
+        index = 0
+        while True:
+            with self._sync_cond:
+                while index >= len(self._sync_events):
+                    self._sync_cond.wait()
+                event = self._sync_events[index]
+            index += 1
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+class SpeechEngine(Protocol):
+    """What the server needs from the decode loop (implemented by engines.generate.Engine)."""
+
+    model_name: str
+    sample_rate: int
+
+    def ready(self) -> bool:
+        """True once graphs are loaded and warmed."""
+
+    def submit(self, request: SpeechRequest, loop: asyncio.AbstractEventLoop | None = None) -> Generation:
+        """Queue a request; raises QueueFull when the bounded queue is full."""
+
+    def queue_depth(self) -> int:
+        """Requests waiting for a decode slot."""
+
+    def encode_reference(self, wave_24k: np.ndarray) -> AudioCodes:
+        """Codec-encode a 24 kHz mono float32 reference clip (voice cloning)."""
+
+    def shutdown(self, drain: bool = True) -> None:
+        """Stop the worker: finish (drain) or cancel what is running."""

@@ -1,0 +1,86 @@
+"""Reads an artifacts directory written by `make export` (the only contract between export/ and engines/)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+SUPPORTED_FORMAT = 1
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The backbone facts the runtime and the loop need (a subset of export.config.HiggsConfig)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    num_codebooks: int
+    codebook_size: int
+    stream_bos_id: int
+    stream_eos_id: int
+    audio_in_token_id: int
+    audio_out_token_id: int
+    audio_out_bos_token_id: int
+    audio_eos_token_id: int
+    audio_bos_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+    eot_token_id: int
+
+    @property
+    def codebook_stride(self) -> int:
+        return self.codebook_size + 2
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelSpec":
+        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    root: Path
+    dtype: str
+    model: ModelSpec
+    graphs: dict
+    codec: dict | None
+    tokenizer: Path | None
+
+    @classmethod
+    def load(cls, artifacts_dir: str | Path) -> "Manifest":
+        root = Path(artifacts_dir)
+        path = root / "manifest.json"
+        if not path.is_file():
+            raise ManifestError(f"{path} not found: run `make export CHECKPOINT=... CODEC=... OUT={root}` first")
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("format") != SUPPORTED_FORMAT:
+            raise ManifestError(f"{path}: manifest format {data.get('format')!r}, this version reads {SUPPORTED_FORMAT}; re-export")
+        manifest = cls(
+            root=root,
+            dtype=data["dtype"],
+            model=ModelSpec.from_json(data["model"]),
+            graphs=data["graphs"],
+            codec=data.get("codec"),
+            tokenizer=root / data["tokenizer"] if data.get("tokenizer") else None,
+        )
+        for key, entry in manifest.graphs.items():
+            if not (root / entry["file"]).is_file():
+                raise ManifestError(f"{path}: graph {key} file {entry['file']} is missing; re-run make export")
+        return manifest
+
+    def graph_path(self, key: str) -> Path:
+        if key not in self.graphs:
+            raise ManifestError(f"{self.root}: no {key} graph in the manifest (exported without it?)")
+        return self.root / self.graphs[key]["file"]
+
+    def has(self, key: str) -> bool:
+        return key in self.graphs

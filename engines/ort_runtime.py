@@ -1,0 +1,125 @@
+"""ONNX Runtime backbone runtime (CPU EP; CUDA EP when onnxruntime-gpu is installed), driven with IO binding.
+
+The KV cache buffers are allocated once on the execution provider's device. Every call binds the
+slot range's past_* inputs and present_* outputs to the *same* memory, so `TensorScatter` updates
+the cache in place (ONNX Runtime skips its copy when the buffers alias). Logits are bound to
+preallocated host buffers. Bindings for single-token steps are cached per (graph, slot range), so a
+decode step only copies its few input numbers and runs.
+
+The graphs read `weights.bin` as external data; ONNX Runtime memory-maps it on CPU, so the three
+sessions share one copy of the weights in the page cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from .manifest import Manifest
+from .runtime import BackboneRuntime
+
+GRAPHS = ("prefill", "text", "audio")
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def providers_for(device: str) -> list:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("CUDAExecutionProvider is not available: pip install '.[gpu]' (onnxruntime-gpu) on a CUDA machine")
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    raise ValueError(f"unknown ONNX Runtime device {device!r} (cpu or cuda)")
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # TensorScatter warns on every non-aliased call; we always alias
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+class _DeviceBuffer:
+    """A contiguous buffer on the EP's device with a base address for pointer binding."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, device: str):
+        self.shape, self.dtype, self.device = shape, np.dtype(dtype), device
+        if device == "cpu":
+            self.host = np.zeros(shape, dtype)
+            self.ptr = self.host.ctypes.data
+        else:
+            self.value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
+            self.ptr = self.value.data_ptr()
+        self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
+
+    def bind(self, binding: ort.IOBinding, name: str, start: int, rows: int, output: bool) -> None:
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, self.device, 0, self.dtype, (rows,) + self.shape[1:], self.ptr + start * self.row_bytes)
+
+
+class OrtBackbone(BackboneRuntime):
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, max_batch: int = 8, max_len: int = 2048, device: str = "cpu", threads: int | None = None):
+        super().__init__(manifest, max_batch, max_len)
+        if manifest.dtype not in _NP_DTYPES:
+            raise ValueError(
+                f"ONNX Runtime runs float32 / float16 graphs; these are {manifest.dtype} (use TensorRT, or re-export with DTYPE=float16)"
+            )
+        self.device = device
+        options = session_options(threads)
+        providers = providers_for(device)
+        self.sessions = {g: ort.InferenceSession(str(manifest.graph_path(g)), options, providers=providers) for g in GRAPHS}
+        spec = self.spec
+        cache_dtype = _NP_DTYPES[manifest.dtype]
+        shape = (max_batch, spec.num_kv_heads, max_len, spec.head_dim)
+        self.cache = [
+            (_DeviceBuffer(shape, cache_dtype, device), _DeviceBuffer(shape, cache_dtype, device)) for _ in range(spec.num_layers)
+        ]
+        self.text_logits = np.zeros((max_batch, spec.vocab_size), np.float32)
+        self.audio_logits = np.zeros((max_batch, spec.num_codebooks, spec.codebook_stride), np.float32)
+        self._outputs = {g: [o.name for o in self.sessions[g].get_outputs() if o.name.endswith("_logits")] for g in GRAPHS}
+        self._step_bindings: dict[tuple[str, int, int], tuple[ort.IOBinding, dict[str, np.ndarray]]] = {}
+
+    def _bind(self, graph: str, slot: int, inputs: dict[str, np.ndarray]) -> ort.IOBinding:
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        rows = len(inputs["cache_lengths"])
+        for name, array in inputs.items():
+            binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+        for layer, (key, value) in enumerate(self.cache):
+            for kind, buffer in (("key", key), ("value", value)):
+                buffer.bind(binding, f"past_{kind}_{layer}", slot, rows, output=False)
+                buffer.bind(binding, f"present_{kind}_{layer}", slot, rows, output=True)
+        for name in self._outputs[graph]:
+            host = self.text_logits if name == "text_logits" else self.audio_logits
+            binding.bind_output(name, "cpu", 0, np.float32, (rows,) + host.shape[1:], host.ctypes.data)
+        return binding
+
+    def run(self, graph: str, slot: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(inputs["cache_lengths"])
+        if slot < 0 or slot + rows > self.max_batch:
+            raise ValueError(f"slots [{slot}, {slot + rows}) outside the {self.max_batch} cache slots")
+        single_token = all(a.ndim < 2 or a.shape[1] == 1 for a in inputs.values())
+        if single_token:
+            key = (graph, slot, rows)
+            if key not in self._step_bindings:
+                buffers = {name: np.ascontiguousarray(array).copy() for name, array in inputs.items()}
+                self._step_bindings[key] = (self._bind(graph, slot, buffers), buffers)
+            binding, buffers = self._step_bindings[key]
+            for name, array in inputs.items():
+                np.copyto(buffers[name], array)
+        else:
+            buffers = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
+            binding = self._bind(graph, slot, buffers)
+        self.sessions[graph].run_with_iobinding(binding)
+        return {name: (self.text_logits if name == "text_logits" else self.audio_logits)[:rows] for name in self._outputs[graph]}
+
+    def cache_view(self, layer: int, kind: str) -> np.ndarray:
+        """Host view of one cache buffer (CPU device only; tests and debugging)."""
+        buffer = self.cache[layer][0 if kind == "key" else 1]
+        if buffer.device != "cpu":
+            raise RuntimeError("cache_view needs the CPU device")
+        return buffer.host

@@ -1,0 +1,116 @@
+"""The runtime interface the decode loop drives, and the slot bookkeeping shared by all runtimes.
+
+A runtime owns the KV cache: per layer a K and a V buffer of shape
+(max_batch, num_kv_heads, max_len, head_dim) on its device. Sequences live in slots; a graph call
+covers the contiguous slot range [start, start + batch) (contiguous so the cache buffers can be
+bound as they are, without gathering). Only token ids / codes, positions and logits cross to the
+host.
+
+Batched decode steps run over the range spanning every active slot. Free slots inside that range
+ride along as passengers: they feed a stream-BOS column / BOS token and write their K/V into the
+last cache row (`scratch_position`), which no real sequence ever uses, and their logits are
+dropped. That keeps every step a single graph call without compacting caches.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import numpy as np
+
+from .manifest import Manifest, ModelSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLogits:
+    text: np.ndarray | None  # (V,) float32
+    audio: np.ndarray | None  # (N, C+2) float32
+
+
+class BackboneRuntime(abc.ABC):
+    """Runs the backbone graphs (`prefill`, `text`, `audio`) against a runtime-owned KV cache."""
+
+    name = "abstract"
+
+    def __init__(self, manifest: Manifest, max_batch: int, max_len: int):
+        if max_batch < 1 or max_len < 2:
+            raise ValueError(f"max_batch {max_batch} / max_len {max_len}: need at least 1 slot and 2 cache rows")
+        self.manifest = manifest
+        self.spec: ModelSpec = manifest.model
+        self.max_batch = max_batch
+        self.max_len = max_len
+
+    @property
+    def scratch_position(self) -> int:
+        return self.max_len - 1
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one sequence may hold (the last cache row is the passengers' scratch row)."""
+        return self.max_len - 1
+
+    @abc.abstractmethod
+    def run(self, graph: str, slot: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `graph` for slots [slot, slot + batch); returns its logits outputs as host arrays.
+
+        `inputs` holds every non-cache graph input with the batch as leading dimension. The new
+        K/V land in the cache at `cache_lengths`; the returned arrays stay valid until the next call.
+        """
+
+    # -- conveniences the loop uses ----------------------------------------------------------------
+    def _check_room(self, cache_lengths: np.ndarray, length: int) -> None:
+        if int(np.max(cache_lengths)) + length > self.capacity:
+            raise ValueError(f"sequence would exceed the KV cache ({self.capacity} positions); raise max_len")
+
+    def prefill(
+        self,
+        slot: int,
+        input_ids: np.ndarray,
+        audio_codes: np.ndarray,
+        audio_mask: np.ndarray,
+        cache_length: int = 0,
+    ) -> PromptLogits:
+        """One prompt (T,) / (T, N) / (T,) into `slot` with the mixed graph; logits of its last position."""
+        length = len(input_ids)
+        self._check_room(np.array([cache_length]), length)
+        out = self.run(
+            "prefill",
+            slot,
+            {
+                "input_ids": np.asarray(input_ids, np.int64)[None],
+                "audio_codes": np.asarray(audio_codes, np.int64)[None],
+                "audio_mask": np.asarray(audio_mask, bool)[None],
+                "cache_lengths": np.array([cache_length], np.int64),
+                "last_index": np.array([length - 1], np.int64),
+            },
+        )
+        return PromptLogits(out["text_logits"][0].copy(), out["audio_logits"][0].copy())
+
+    def _step(self, graph: str, slots: np.ndarray, feed_name: str, feed: np.ndarray, filler, cache_lengths) -> np.ndarray:
+        slots = np.asarray(slots, np.int64)
+        start, stop = int(slots.min()), int(slots.max()) + 1
+        rows = slots - start
+        self._check_room(np.asarray(cache_lengths), 1)
+        full_feed = np.empty((stop - start, 1) + feed.shape[1:], np.int64)
+        full_feed[...] = filler
+        full_feed[rows, 0] = feed
+        lengths = np.full(stop - start, self.scratch_position, np.int64)
+        lengths[rows] = cache_lengths
+        out = self.run(
+            graph,
+            start,
+            {feed_name: full_feed, "cache_lengths": lengths, "last_index": np.zeros(stop - start, np.int64)},
+        )
+        return out["audio_logits" if graph == "audio" else "text_logits"][rows]
+
+    def audio_step(self, slots: np.ndarray, codes: np.ndarray, cache_lengths: np.ndarray) -> np.ndarray:
+        """Feed one audio column (b, N) per slot; returns audio logits (b, N, C+2)."""
+        return self._step("audio", slots, "audio_codes", np.asarray(codes, np.int64), self.spec.stream_bos_id, cache_lengths)
+
+    def text_step(self, slots: np.ndarray, token_ids: np.ndarray, cache_lengths: np.ndarray) -> np.ndarray:
+        """Feed one text token per slot; returns text logits (b, V)."""
+        return self._step("text", slots, "input_ids", np.asarray(token_ids, np.int64), self.spec.bos_token_id, cache_lengths)
+
+    def close(self) -> None:
+        """Release device memory (a no-op where garbage collection does it)."""

@@ -1,0 +1,282 @@
+"""Higgs Audio V2 generation backbone: a Llama-3 decoder whose every layer has two FFNs (DualFFN).
+
+One model file, explicit KV cache in and out (gpt-fast style), written to be exported to ONNX:
+
+* text and audio positions share one causal attention and one KV cache; the input norm, the
+  post-attention norm and the FFN of each position are picked by the routing mask (spec llm.md §3.2);
+* an audio position's input is the sum of one embedding row per codebook, row `k*stride + code_k`,
+  stride = codebook_size + 2 (§3.1); the audio head predicts (num_codebooks, stride) logits (§3.4);
+* `forward` runs in one of three modes: MIXED (prompt prefill, routing mask as input), TEXT and AUDIO
+  (every position of that one kind). TEXT never touches audio weights and AUDIO never touches text
+  weights, so each exported graph reads only what it needs.
+
+The KV cache is a static per-slot buffer (batch, kv_heads, max_len, head_dim) per layer. New K/V are
+written at `cache_lengths[b]`; attention reads the buffer with the mask `key <= position`. In eager
+mode the write is in place; for export it is the functional `higgs::kv_write` op, which becomes ONNX
+`TensorScatter` (in place once the runtime binds present to past).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_state_dict
+from .config import HiggsConfig, RopeConfig, load_config
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class Mode(enum.Enum):
+    MIXED = "mixed"
+    TEXT = "text"
+    AUDIO = "audio"
+
+
+# --- the two ops that have a dedicated ONNX form -------------------------------------------------
+
+
+@torch.library.custom_op("higgs::kv_write", mutates_args=())
+def kv_write(cache: torch.Tensor, update: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
+    """Functional KV write: cache with update[b] placed at sequence offset write_index[b] (axis 2)."""
+    out = cache.clone()
+    _scatter_kv_(out, update, write_index)
+    return out
+
+
+@kv_write.register_fake
+def _(cache, update, write_index):
+    return torch.empty_like(cache)
+
+
+@torch.library.custom_op("higgs::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, kv_length: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention over the cache; query head h uses KV head h // (heads / kv_heads).
+
+    `mask` (B, 1, T, S) is True where a key takes part; `kv_length` (B,) = valid keys per row (the
+    ONNX graph passes it on as `nonpad_kv_seqlen` so kernels may skip the unused tail).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+@attention.register_fake
+def _(q, k, v, mask, kv_length):
+    return torch.empty_like(q)
+
+
+def _scatter_kv_(cache: torch.Tensor, update: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, dim = update.shape
+    index = (write_index[:, None] + torch.arange(length, device=update.device))[:, None, :, None]
+    return cache.scatter_(2, index.expand(batch, heads, length, dim), update)
+
+
+# --- building blocks --------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, cast back, then the weight (transformers 4.46 LlamaRMSNorm order)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """transformers 4.46 `_compute_default/llama3_parameters`, float32 like upstream."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if rope.rope_type != "llama3":
+        return inv_freq
+    low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+    high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: HiggsConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, past: KV, cache_lengths, mask, kv_length, functional: bool):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if functional:
+            present = (kv_write(past[0], k, cache_lengths), kv_write(past[1], v, cache_lengths))
+        else:
+            present = (_scatter_kv_(past[0], k, cache_lengths), _scatter_kv_(past[1], v, cache_lengths))
+        out = attention(q, present[0], present[1], mask, kv_length)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), present
+
+
+class DecoderLayer(nn.Module):
+    """One DualFFN layer: shared attention, text or audio norms + FFN per position (spec §3.2)."""
+
+    def __init__(self, config: HiggsConfig):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config)
+        self.mlp = MLP(h, config.intermediate_size)
+        self.audio_mlp = MLP(h, config.intermediate_size)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.audio_input_layernorm = RMSNorm(h, eps)
+        self.audio_post_attention_layernorm = RMSNorm(h, eps)
+
+    def _route(self, mode: Mode, audio_mask, x, text_fn, audio_fn):
+        if mode is Mode.TEXT:
+            return text_fn(x)
+        if mode is Mode.AUDIO:
+            return audio_fn(x)
+        return torch.where(audio_mask[..., None], audio_fn(x), text_fn(x))
+
+    def forward(self, x, mode: Mode, audio_mask, cos, sin, past: KV, cache_lengths, mask, kv_length, functional):
+        normed = self._route(mode, audio_mask, x, self.input_layernorm, self.audio_input_layernorm)
+        attn_out, present = self.self_attn(normed, cos, sin, past, cache_lengths, mask, kv_length, functional)
+        h = x + attn_out
+        ffn = self._route(
+            mode,
+            audio_mask,
+            h,
+            lambda t: self.mlp(self.post_attention_layernorm(t)),
+            lambda t: self.audio_mlp(self.audio_post_attention_layernorm(t)),
+        )
+        return h + ffn, present
+
+
+class AudioDecoderProjector(nn.Module):
+    """Holds the two output heads under their checkpoint names (`audio_decoder_proj.*`)."""
+
+    def __init__(self, config: HiggsConfig):
+        super().__init__()
+        self.text_lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.audio_lm_head = nn.Linear(config.hidden_size, config.num_codebooks * config.codebook_stride, bias=False)
+
+
+class HiggsAudioBackbone(nn.Module):
+    def __init__(self, config: HiggsConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.audio_codebook_embeddings = nn.Embedding(config.num_codebooks * config.codebook_stride, config.hidden_size)
+        self.audio_decoder_proj = AudioDecoderProjector(config)
+        # plain attributes, not buffers: they are constants of the architecture, not checkpoint state
+        self.inv_freq = rope_inv_freq(config.rope, config.head_dim)
+        self.codebook_offsets = torch.arange(config.num_codebooks, device="cpu") * config.codebook_stride
+        # eager: in-place cache writes; export wrappers switch to the functional kv_write op
+        self.functional_cache = False
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def embed_audio(self, audio_codes: torch.Tensor) -> torch.Tensor:
+        """(B, T, N) codes -> (B, T, H): sum over codebooks of row k*stride + code_k."""
+        rows = audio_codes + self.codebook_offsets.to(audio_codes.device)
+        return self.audio_codebook_embeddings(rows).sum(dim=-2)
+
+    def embed(self, mode: Mode, input_ids, audio_codes, audio_mask) -> torch.Tensor:
+        if mode is Mode.TEXT:
+            return self.embed_tokens(input_ids)
+        if mode is Mode.AUDIO:
+            return self.embed_audio(audio_codes)
+        return torch.where(audio_mask[..., None], self.embed_audio(audio_codes), self.embed_tokens(input_ids))
+
+    # -- body --------------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        mode: Mode,
+        input_ids: torch.Tensor | None,
+        audio_codes: torch.Tensor | None,
+        audio_mask: torch.Tensor | None,
+        cache_lengths: torch.Tensor,
+        past: list[KV],
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Final-norm hidden states of the T new positions (B, T, H) and the updated caches."""
+        x = self.embed(mode, input_ids, audio_codes, audio_mask)
+        batch, length, _ = x.shape
+        max_len = past[0][0].shape[2]
+        positions = cache_lengths[:, None] + torch.arange(length, device=x.device)  # (B, T)
+        angles = positions[..., None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, head_dim)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = (torch.arange(max_len, device=x.device) <= positions[..., None])[:, None]  # (B, 1, T, S)
+        kv_length = cache_lengths + length
+        present = []
+        for layer, layer_past in zip(self.layers, past):
+            x, layer_present = layer(x, mode, audio_mask, cos, sin, layer_past, cache_lengths, mask, kv_length, self.functional_cache)
+            present.append(layer_present)
+        return self.norm(x), present
+
+    def text_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.audio_decoder_proj.text_lm_head(hidden).float()
+
+    def audio_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.audio_decoder_proj.audio_lm_head(hidden).float()
+        return logits.view(*hidden.shape[:-1], self.config.num_codebooks, self.config.codebook_stride)
+
+    def forward(self, mode, input_ids, audio_codes, audio_mask, cache_lengths, last_index, past):
+        """Logits at position `last_index[b]` of the new tokens: (text (B, V) | None, audio (B, N, C+2) | None, present)."""
+        hidden, present = self.hidden_states(mode, input_ids, audio_codes, audio_mask, cache_lengths, past)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+        text = None if mode is Mode.AUDIO else self.text_head(last)
+        audio = None if mode is Mode.TEXT else self.audio_head(last)
+        return text, audio, present
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[KV]:
+        dtype = dtype or self.embed_tokens.weight.dtype
+        shape = (batch, self.config.num_kv_heads, max_len, self.config.head_dim)
+        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in self.layers]
+
+
+def load_backbone(
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[int, int], None] | None = None,
+) -> HiggsAudioBackbone:
+    """Build the module on the meta device and assign the checkpoint's tensors (no double allocation)."""
+    config = load_config(checkpoint_dir)
+    with torch.device("meta"):
+        model = HiggsAudioBackbone(config)
+    state = load_state_dict(checkpoint_dir, config, dtype, progress)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
