@@ -52,10 +52,14 @@ class Message:
 class SpeechRequest:
     messages: list[Message]
     sampling: SamplingParams = SamplingParams()
-    max_tokens: int = 1024  # every generation step counts once (spec llm.md §5.7)
+    max_tokens: int | None = None  # generation steps, each counts once (spec §5.7); None = what fits in the cache
     stop_strings: tuple[str, ...] = ("<|end_of_text|>", "<|eot_id|>")
     force_audio: bool = True  # append <|audio_out_bos|> after the assistant header
     request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    # Already-rendered prompt (goldens, verify): token ids with one <|AUDIO_OUT|> per delayed
+    # (N, T+N+1) segment in `prompt_audio`. When set, `messages` is not rendered.
+    prompt_ids: np.ndarray | None = None
+    prompt_audio: tuple[np.ndarray, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +82,10 @@ class Finished:
     completion_tokens: int
     audio_seconds: float
     error: str | None = None
+    # what was generated, for verification and debugging: delayed (N, W) audio segments and the
+    # text-side ids in upstream's compressed form (one <|AUDIO_OUT|> per segment)
+    segments: tuple[np.ndarray, ...] = ()
+    text_ids: tuple[int, ...] = ()
 
 
 Event = Union[AudioChunk, TextDelta, Finished]
@@ -103,6 +111,7 @@ class Generation:
         self._loop = loop
         self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
         self._sync_events: list[Event] = []
+        self._polled = 0
         self._sync_cond = threading.Condition()
         self._cancelled = threading.Event()
 
@@ -133,6 +142,13 @@ class Generation:
             yield event
             if isinstance(event, Finished):
                 return
+
+    def poll(self) -> list[Event]:
+        """Events pushed since the last poll, without waiting (for callers that drive the engine inline)."""
+        with self._sync_cond:
+            events = self._sync_events[self._polled :]
+            self._polled = len(self._sync_events)
+        return events
 
     def iter_blocking(self):
         """Blocking iteration for CLIs and tests without asyncio."""

@@ -87,6 +87,34 @@ class BackboneRuntime(abc.ABC):
         )
         return PromptLogits(out["text_logits"][0].copy(), out["audio_logits"][0].copy())
 
+    def prefill_split(
+        self,
+        slot: int,
+        input_ids: np.ndarray,
+        audio_codes: np.ndarray,
+        audio_mask: np.ndarray,
+        cache_length: int = 0,
+    ) -> PromptLogits:
+        """Same result as `prefill`, but each maximal run of text or audio positions goes through
+        the text or audio graph. Lets a deployment skip the prefill graph (and its full copy of
+        the weights on the GPU). Returns the logits of whichever graph ran last."""
+        audio_mask = np.asarray(audio_mask, bool)
+        self._check_room(np.array([cache_length]), len(audio_mask))
+        bounds = np.flatnonzero(np.diff(audio_mask.astype(np.int8))) + 1
+        position, logits = cache_length, {}
+        for run in np.split(np.arange(len(audio_mask)), bounds):
+            is_audio = bool(audio_mask[run[0]])
+            feed = (
+                {"audio_codes": np.asarray(audio_codes, np.int64)[run][None]}
+                if is_audio
+                else {"input_ids": np.asarray(input_ids, np.int64)[run][None]}
+            )
+            feed.update(cache_lengths=np.array([position], np.int64), last_index=np.array([len(run) - 1], np.int64))
+            out = self.run("audio" if is_audio else "text", slot, feed)
+            logits = {name: array[0].copy() for name, array in out.items()}
+            position += len(run)
+        return PromptLogits(logits.get("text_logits"), logits.get("audio_logits"))
+
     def _step(self, graph: str, slots: np.ndarray, feed_name: str, feed: np.ndarray, filler, cache_lengths) -> np.ndarray:
         slots = np.asarray(slots, np.int64)
         start, stop = int(slots.min()), int(slots.max()) + 1

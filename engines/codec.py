@@ -1,0 +1,251 @@
+"""Codec on ONNX Runtime: one-shot decode, exact chunked streaming decode, and encode.
+
+No torch here (engines/ runs on numpy + onnxruntime). The encoder's data-dependent length logic
+(spec codec.md §4.4: re-encode with a 320-sample pad when the acoustic and semantic frame counts
+differ) is a pure function of the input length, `EncodeGeometry.plan`, shared with the torch
+reference in export/codec.py so both make the same decision. The graphs carry their geometry in
+ONNX metadata (key `METADATA_KEY`), so a session needs nothing but its .onnx file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+METADATA_KEY = "higgs_codec"
+
+# HuBERT-base feature extractor (kernel, stride) per conv: total stride 320, receptive field 400.
+HUBERT_BASE_CONVS = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodePlan:
+    """Host-side length decisions of upstream `_xcodec_encode` for one clip of `num_samples`."""
+
+    num_samples: int
+    semantic_frames: int  # Ts: HuBERT frames after the step-down
+    acoustic_frames: int  # Ta of the un-padded acoustic pass
+    reencode: bool  # upstream re-runs the acoustic encoder on a padded input (Ta != Ts)
+    acoustic_pad: int  # zeros added on each side of the acoustic encoder input
+    frames: int  # T: code frames returned
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeGeometry:
+    """Everything the encode length logic depends on (defaults: the real checkpoint)."""
+
+    ratios: tuple[int, ...] = (8, 5, 4, 2, 3)
+    sample_rate: int = 24000
+    semantic_sample_rate: int = 16000
+    semantic_convs: tuple[tuple[int, int], ...] = HUBERT_BASE_CONVS
+    semantic_pad: int = 160  # HAT:173, zeros each side of the 16 kHz HuBERT input
+    semantic_downsample: int = 2  # step-down factor (HAT:107)
+
+    @property
+    def reencode_pad(self) -> int:
+        """HAT:274: `pad_size = 160 * semantic_downsample_factor` (24 kHz samples each side)."""
+        return 160 * self.semantic_downsample
+
+    def acoustic_frames(self, num_samples: int) -> int:
+        """Frames out of the DAC encoder (strided convs: kernel 2s, padding ceil(s/2)); 0 if too short."""
+        length = num_samples
+        for s in self.ratios:
+            pad = math.ceil(s / 2)
+            if length + 2 * pad < 2 * s:
+                return 0  # the conv's input is shorter than its kernel: upstream raises here
+            length = (length + 2 * pad - 2 * s) // s + 1
+        return length
+
+    def min_samples(self) -> int:
+        """Shortest input the un-padded acoustic pass accepts (632 for the real ratios)."""
+        frames = 1
+        for s in reversed(self.ratios):
+            frames = (frames - 1) * s + 2 * s - 2 * math.ceil(s / 2)
+        return frames
+
+    def semantic_frames(self, num_samples: int) -> int:
+        """Frames out of resample -> pad -> HuBERT conv stack -> step-down (spec §4.2, §7.10)."""
+        g = math.gcd(self.sample_rate, self.semantic_sample_rate)
+        orig, new = self.sample_rate // g, self.semantic_sample_rate // g
+        length = -(-num_samples * new // orig) + 2 * self.semantic_pad
+        for kernel, stride in self.semantic_convs:
+            length = (length - kernel) // stride + 1
+        return -(-length // self.semantic_downsample)
+
+    def plan(self, num_samples: int) -> EncodePlan:
+        """The decisions upstream makes at run time (HAT:271-279), computed from the length alone."""
+        minimum = self.min_samples()
+        if num_samples < minimum:
+            raise ValueError(
+                f"codec encode needs at least {minimum} samples at {self.sample_rate} Hz "
+                f"({1000 * minimum / self.sample_rate:.1f} ms), got {num_samples}: upstream's acoustic "
+                "encoder fails on shorter input (spec codec.md §4.4); use a longer reference clip"
+            )
+        ts = self.semantic_frames(num_samples)
+        ta = self.acoustic_frames(num_samples)
+        if ta == ts:
+            return EncodePlan(num_samples, ts, ta, False, 0, ts)
+        padded = self.acoustic_frames(num_samples + 2 * self.reencode_pad)
+        return EncodePlan(num_samples, ts, ta, True, self.reencode_pad, min(padded, ts))
+
+    def to_dict(self) -> dict:
+        """JSON-ready (lists, not tuples): stored in the graph metadata and the manifest."""
+        return {
+            "ratios": list(self.ratios),
+            "sample_rate": self.sample_rate,
+            "semantic_sample_rate": self.semantic_sample_rate,
+            "semantic_convs": [list(c) for c in self.semantic_convs],
+            "semantic_pad": self.semantic_pad,
+            "semantic_downsample": self.semantic_downsample,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncodeGeometry":
+        return cls(
+            ratios=tuple(d["ratios"]),
+            sample_rate=int(d["sample_rate"]),
+            semantic_sample_rate=int(d["semantic_sample_rate"]),
+            semantic_convs=tuple((int(k), int(s)) for k, s in d["semantic_convs"]),
+            semantic_pad=int(d["semantic_pad"]),
+            semantic_downsample=int(d["semantic_downsample"]),
+        )
+
+
+def decoder_context_frames(ratios: tuple[int, ...], hop_length: int) -> int:
+    """Code frames of context on each side that make a chunked decode exact (spec §6.3).
+
+    Walks the structural support of one latent frame through the DAC decoder: conv k7 (+-3), per
+    block the transposed conv maps [a, b] -> [s*a - ceil(s/2), s*b - ceil(s/2) + 2s - 1] and three
+    k7 residual units with dilations 1, 3, 9 widen it by 39, then the final k7 conv (+-3).
+    Real codec: frame 0 reaches samples [-9458, 959 + 9433] -> 10 frames each side.
+    """
+    lo, hi = -3, 3
+    for s in ratios:
+        pad = math.ceil(s / 2)
+        lo, hi = s * lo - pad - 39, s * hi - pad + 2 * s - 1 + 39
+    lo, hi = lo - 3, hi + 3
+    return max(math.ceil(-lo / hop_length), math.ceil((hi - hop_length + 1) / hop_length))
+
+
+def _session(onnx_path: str | Path, providers: list | None):
+    """ORT session; by default CUDA when this onnxruntime has it, else CPU (the codec graphs are fp32)."""
+    import onnxruntime as ort
+
+    if providers is None:
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(str(onnx_path), providers=providers)
+
+
+def _metadata(session, onnx_path) -> dict:
+    meta = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in meta:
+        raise ValueError(f"{onnx_path} has no '{METADATA_KEY}' metadata: re-export it with export/onnx_codec.py")
+    return json.loads(meta[METADATA_KEY])
+
+
+class CodecDecoder:
+    """codes -> 24 kHz audio with the exported decoder graph (codes clipped to the codebook inside)."""
+
+    def __init__(self, onnx_path: str | Path, providers: list | None = None):
+        self.session = _session(onnx_path, providers)
+        meta = _metadata(self.session, onnx_path)
+        self.num_quantizers: int = meta["num_quantizers"]
+        self.hop_length: int = meta["hop_length"]
+        self.sample_rate: int = meta["sample_rate"]
+        self.context_frames: int = meta["context_frames"]
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """(n_q, T) -> (960 T,) float32, or (B, n_q, T) -> (B, 960 T) float32 (mono, channel dropped)."""
+        codes = np.asarray(codes)
+        if codes.ndim not in (2, 3) or codes.shape[-2] != self.num_quantizers or codes.shape[-1] < 1:
+            raise ValueError(
+                f"codes must be (n_q={self.num_quantizers}, T>=1) or (B, {self.num_quantizers}, T>=1), "
+                f"got shape {codes.shape}; the graph takes all {self.num_quantizers} codebooks (the torch "
+                "reference export.codec.HiggsCodec.decode handles fewer)"
+            )
+        batch = codes if codes.ndim == 3 else codes[None]
+        audio = self.session.run(["audio"], {"codes": np.ascontiguousarray(batch, dtype=np.int64)})[0]
+        return audio[0, 0] if codes.ndim == 2 else audio[:, 0]
+
+
+class StreamingDecoder:
+    """Chunked decode whose concatenated output equals the one-shot decode (spec §6.3).
+
+    Output frame t depends on code frames t-context .. t+context, so a frame is final once
+    `context` later frames have arrived. Each decode covers only the new final frames plus
+    `context` frames on each side, so the cost per chunk does not grow with the history.
+    `min_frames` batches later chunks (fewer, larger decodes); the first chunk is emitted as soon
+    as one frame is final.
+    """
+
+    def __init__(self, decoder: CodecDecoder, context: int | None = None, min_frames: int = 1):
+        self.decoder = decoder
+        self.context = decoder.context_frames if context is None else context
+        self.min_frames = min_frames
+        self._reset()
+
+    def _reset(self) -> None:
+        self._codes = np.zeros((self.decoder.num_quantizers, 0), dtype=np.int64)
+        self._start = 0  # absolute index of self._codes[:, 0]
+        self._received = 0
+        self._emitted = 0
+
+    def push(self, frames: np.ndarray) -> np.ndarray:
+        """Add code frames (n_q, k); return the PCM (float32) that became final, possibly empty."""
+        frames = np.asarray(frames, dtype=np.int64)
+        if frames.ndim != 2 or frames.shape[0] != self.decoder.num_quantizers:
+            raise ValueError(f"push expects (n_q={self.decoder.num_quantizers}, k) codes, got {frames.shape}")
+        self._codes = np.concatenate([self._codes, frames], axis=1)
+        self._received += frames.shape[1]
+        final = self._received - self.context
+        needed = 1 if self._emitted == 0 else self.min_frames
+        if final - self._emitted < needed:
+            return np.zeros(0, dtype=np.float32)
+        return self._emit(final)
+
+    def flush(self) -> np.ndarray:
+        """Return the remaining PCM (the last `context` frames decode with the sequence edge) and reset."""
+        out = self._emit(self._received) if self._received > self._emitted else np.zeros(0, np.float32)
+        self._reset()
+        return out
+
+    def _emit(self, end: int) -> np.ndarray:
+        lo = max(0, self._emitted - self.context)
+        hi = min(self._received, end + self.context)
+        audio = self.decoder.decode(self._codes[:, lo - self._start : hi - self._start])
+        hop = self.decoder.hop_length
+        out = audio[(self._emitted - lo) * hop : (end - lo) * hop]
+        self._emitted = end
+        keep_from = max(0, end - self.context)  # left context of the next chunk
+        self._codes = self._codes[:, keep_from - self._start :]
+        self._start = keep_from
+        return out
+
+
+class CodecEncoder:
+    """24 kHz mono waveform -> codes (n_q, T) int64 with the exported encoder graph."""
+
+    def __init__(self, onnx_path: str | Path, providers: list | None = None):
+        self.session = _session(onnx_path, providers)
+        meta = _metadata(self.session, onnx_path)
+        self.num_quantizers: int = meta["num_quantizers"]
+        self.sample_rate: int = meta["sample_rate"]
+        self.geometry = EncodeGeometry.from_dict(meta["encode_geometry"])
+
+    def encode(self, wave: np.ndarray) -> np.ndarray:
+        """Upstream `encode(wave, sr=24000)`: the 320-sample re-encode pad is decided here (§4.4)."""
+        wave = np.asarray(wave, dtype=np.float32)
+        if wave.ndim != 1:
+            raise ValueError(f"encode expects a mono 1-D waveform at {self.sample_rate} Hz, got shape {wave.shape}")
+        plan = self.geometry.plan(wave.shape[0])
+        acoustic = np.pad(wave, plan.acoustic_pad) if plan.acoustic_pad else wave
+        codes = self.session.run(["codes"], {"waveform": wave[None], "acoustic_waveform": acoustic[None]})[0]
+        if codes.shape != (1, self.num_quantizers, plan.frames):
+            expected = (1, self.num_quantizers, plan.frames)
+            raise RuntimeError(f"encoder graph returned {codes.shape}, expected {expected}: re-export it")
+        return codes[0]

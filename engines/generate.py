@@ -1,0 +1,551 @@
+"""The decode loop: prompt -> backbone steps -> sampled audio columns -> streamed 24 kHz PCM.
+
+It reproduces upstream's generation state machine (spec llm.md §5.3-5.7, reference algorithm §5.9)
+for many requests at once (continuous batching). Each request owns a slot of the runtime's KV
+cache. One engine iteration:
+
+1. admits waiting requests into free slots and prefills their prompts;
+2. for every active sequence, turns its latest logits into a token: AUDIO_INIT (forced all-BOS
+   column), an audio column (sampling, RAS, delay ramp rules) or a text token; streams the audio
+   frames that became final through the chunked codec decoder; applies the stop rules;
+3. feeds every sequence its new column / token: all audio feeds in one graph call, text feeds in
+   one call per contiguous run of slots.
+
+`python -m engines.generate` is the command-line front end (text in, WAV out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import queue
+import sys
+import threading
+import time
+import wave
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from .api import (
+    SAMPLE_RATE,
+    AudioChunk,
+    AudioCodes,
+    Finished,
+    Generation,
+    QueueFull,
+    SamplingParams,
+    SpeechRequest,
+    TextDelta,
+)
+from .codec import CodecDecoder, CodecEncoder, StreamingDecoder
+from .delay import AudioSegmentState, FrameAssembler
+from .manifest import Manifest, ModelSpec
+from .prompt import PromptRenderer, StopMatcher, expand_prompt, tts_messages
+from .runtime import BackboneRuntime
+from .sampling import params_to_arrays, ras_redraw, ras_window, sample
+
+log = logging.getLogger("higgs.engine")
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """One request in flight."""
+
+    request: SpeechRequest
+    handle: Generation
+    slot: int
+    cache_length: int
+    prompt_tokens: int
+    max_tokens: int
+    last_token: int
+    rng: np.random.Generator
+    history: deque  # recent audio-out columns (the RAS window source), newest last
+    stop: StopMatcher
+    streamer: StreamingDecoder
+    text_logits: np.ndarray | None = None
+    audio_logits: np.ndarray | None = None
+    steps: int = 0
+    text_ids: list[int] = dataclasses.field(default_factory=list)
+    segments: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
+    segment_state: AudioSegmentState | None = None
+    assembler: FrameAssembler | None = None
+    audio_samples: int = 0
+    audio_ended: bool = False  # the latest audio segment ended by itself (stream EOS)
+    feed: tuple[str, object] | None = None  # ("audio", column) or ("text", token id)
+    submitted_at: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class Engine:
+    """Continuous-batching generation over a `BackboneRuntime` plus the codec decoder."""
+
+    def __init__(
+        self,
+        runtime: BackboneRuntime,
+        codec: CodecDecoder,
+        renderer: PromptRenderer | None = None,
+        encoder: CodecEncoder | None = None,
+        model_name: str = "higgs-audio-v2",
+        max_queue: int = 64,
+        prefill_mode: str = "graph",
+        stream_frames: int = 8,
+    ):
+        if prefill_mode not in ("graph", "split"):
+            raise ValueError("prefill_mode must be 'graph' (mixed prefill graph) or 'split' (text/audio graphs per run)")
+        self.runtime = runtime
+        self.spec: ModelSpec = runtime.spec
+        self.codec = codec
+        self.renderer = renderer
+        self.encoder = encoder
+        self.model_name = model_name
+        self.sample_rate = SAMPLE_RATE
+        self.prefill_mode = prefill_mode
+        self.stream_frames = stream_frames
+        self._pending: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._active: dict[int, _Sequence] = {}
+        self._free_slots = list(range(runtime.max_batch))
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._drain = True
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.stats = {"steps": 0, "graph_seconds": 0.0, "loop_seconds": 0.0, "audio_seconds": 0.0, "requests": 0}
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_artifacts(
+        cls,
+        artifacts_dir: str | Path,
+        runtime: str = "ort-cpu",
+        max_batch: int = 8,
+        max_len: int = 2048,
+        threads: int | None = None,
+        **kwargs,
+    ) -> "Engine":
+        manifest = Manifest.load(artifacts_dir)
+        if runtime in ("ort-cpu", "ort-cuda"):
+            from .ort_runtime import OrtBackbone, providers_for
+
+            device = runtime.split("-")[1]
+            backbone = OrtBackbone(manifest, max_batch=max_batch, max_len=max_len, device=device, threads=threads)
+            providers = providers_for(device)
+        elif runtime == "tensorrt":
+            from .trt_runtime import TrtBackbone
+
+            backbone = TrtBackbone(manifest, max_batch=max_batch, max_len=max_len)
+            providers = None
+        else:
+            raise ValueError(f"unknown runtime {runtime!r}: ort-cpu, ort-cuda or tensorrt")
+        codec = CodecDecoder(manifest.graph_path("codec_decoder"), providers)
+        encoder = CodecEncoder(manifest.graph_path("codec_encoder"), providers) if manifest.has("codec_encoder") else None
+        renderer = PromptRenderer(manifest.tokenizer, manifest.model.num_codebooks) if manifest.tokenizer else None
+        return cls(backbone, codec, renderer=renderer, encoder=encoder, **kwargs)
+
+    # -- SpeechEngine protocol ----------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def queue_depth(self) -> int:
+        return self._pending.qsize()
+
+    def encode_reference(self, wave_24k: np.ndarray) -> AudioCodes:
+        if self.encoder is None:
+            raise NotImplementedError("these artifacts have no codec_encoder graph: re-run make export with CODEC=DIR")
+        return AudioCodes(self.encoder.encode(wave_24k))
+
+    def submit(self, request: SpeechRequest, loop=None) -> Generation:
+        """Validate and render now (so bad prompts fail in the caller), queue for a slot."""
+        prompt = self._prepare(request)
+        handle = Generation(request, loop)
+        try:
+            self._pending.put_nowait((handle, prompt))
+        except queue.Full:
+            raise QueueFull(retry_after=1.0) from None
+        return handle
+
+    def start(self) -> "Engine":
+        """Warm up, then run the loop on a background thread."""
+        self.warmup()
+        self._thread = threading.Thread(target=self._worker, name="higgs-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop after finishing (drain) or cancelling the requests in flight. Safe to call again,
+        e.g. drain=False after a drain that timed out."""
+        self._drain = drain and self._drain
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still draining; a later call may cancel
+        if not self._closed:
+            self._closed = True
+            self.runtime.close()
+
+    # -- synchronous use (CLI, tests) ----------------------------------------------------------------
+    def run_until_idle(self) -> None:
+        while self.step():
+            pass
+
+    def generate(self, request: SpeechRequest):
+        """Blocking convenience: submit one request, run it to the end, return its events."""
+        handle = self.submit(request)
+        self.run_until_idle()
+        return list(handle.iter_blocking())
+
+    def warmup(self) -> None:
+        """One prefill, text and audio step and a codec decode, so the first request pays no setup."""
+        spec = self.spec
+        slot = 0
+        self.runtime.prefill(slot, np.array([spec.bos_token_id] * 2), np.zeros((2, spec.num_codebooks)), np.zeros(2, bool))
+        self.runtime.text_step(np.array([slot]), np.array([spec.bos_token_id]), np.array([2]))
+        self.runtime.audio_step(np.array([slot]), np.full((1, spec.num_codebooks), spec.stream_bos_id), np.array([3]))
+        self.codec.decode(np.zeros((self.codec.num_quantizers, 2 * self.codec.context_frames + 1), np.int64))
+        self._ready.set()
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while not self._stop.is_set() or (self._drain and (self._active or not self._pending.empty())):
+            if not self._active and self._pending.empty():
+                time.sleep(0.002)
+                continue
+            try:
+                self.step()
+            except Exception as error:  # a runtime failure must not leave clients hanging
+                log.exception("engine step failed")
+                for seq in list(self._active.values()):
+                    self._finish(seq, "error", None, error=str(error))
+        for seq in list(self._active.values()):
+            self._finish(seq, "cancelled", None)
+        while not self._pending.empty():
+            handle, _ = self._pending.get_nowait()
+            handle.push(Finished("cancelled", None, 0, 0, 0.0, error="server shutting down"))
+
+    def step(self) -> bool:
+        """One iteration (admit, sample, feed). Returns False when there is nothing to do."""
+        started = time.perf_counter()
+        self._admit()
+        if not self._active:
+            return False
+        graph_seconds = 0.0
+        for seq in list(self._active.values()):
+            if seq.handle.cancelled:
+                log.info("request %s cancelled by the client after %d steps", seq.request.request_id, seq.steps)
+                self._finish(seq, "cancelled", None)
+        self._decide([s for s in self._active.values()])
+        graph_seconds += self._feed()
+        self.stats["steps"] += 1
+        self.stats["graph_seconds"] += graph_seconds
+        self.stats["loop_seconds"] += time.perf_counter() - started
+        return True
+
+    # -- admission ----------------------------------------------------------------------------------
+    def _prepare(self, request: SpeechRequest):
+        if request.prompt_ids is not None:
+            ids, segments = np.asarray(request.prompt_ids, np.int64), list(request.prompt_audio)
+        else:
+            if self.renderer is None:
+                raise ValueError("these artifacts have no tokenizer.json, so text prompts cannot be rendered")
+            rendered = self.renderer.render(request.messages, force_audio=request.force_audio)
+            ids, segments = rendered.ids, rendered.audio_segments
+        if len(ids) == 0:
+            raise ValueError("empty prompt")
+        if ids[-1] == self.spec.audio_out_token_id:
+            raise ValueError("prompts that end inside an audio segment (continuations) are not supported")
+        prompt = expand_prompt(ids, segments, self.spec.audio_out_token_id, self.spec.num_codebooks)
+        room = self.runtime.capacity - len(prompt.input_ids)
+        if room < 1 or (request.max_tokens is not None and request.max_tokens > room):
+            raise ValueError(
+                f"prompt ({len(prompt.input_ids)} positions) + max_tokens ({request.max_tokens}) exceeds the "
+                f"KV cache of {self.runtime.capacity} positions; shorten the input or lower max_tokens"
+            )
+        if request.max_tokens is not None and request.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        return prompt, request.max_tokens or room
+
+    def _admit(self) -> None:
+        while self._free_slots and not self._pending.empty():
+            handle, (prompt, max_tokens) = self._pending.get_nowait()
+            if handle.cancelled:
+                handle.push(Finished("cancelled", None, 0, 0, 0.0))
+                continue
+            try:
+                self._start(handle, prompt, max_tokens)
+            except Exception as error:  # this request fails; the others go on
+                log.exception("request %s: prefill failed", handle.request.request_id)
+                handle.push(Finished("error", None, len(prompt.input_ids), 0, 0.0, error=str(error)))
+
+    def _start(self, handle: Generation, prompt, max_tokens: int) -> None:
+        slot = self._free_slots[0]
+        request = handle.request
+        logits = self._prefill(slot, prompt)
+        self._free_slots.pop(0)
+        params = request.sampling
+        window = max(params.ras_window, 0)
+        stop_strings = dict.fromkeys((*request.stop_strings, "<|end_of_text|>"))  # EOS always stops (spec §5.7)
+        history = deque(maxlen=max(window, 1))
+        for column in prompt.audio_history.T[-window:] if window else ():
+            history.append(column)
+        seq = _Sequence(
+            request=request,
+            handle=handle,
+            slot=slot,
+            cache_length=len(prompt.input_ids),
+            prompt_tokens=len(prompt.input_ids),
+            last_token=int(prompt.input_ids[-1]),
+            rng=np.random.default_rng(params.seed),
+            history=history,
+            max_tokens=max_tokens,
+            stop=StopMatcher(self.renderer.tokenizer if self.renderer else None, stop_strings, self._special_ids()),
+            streamer=StreamingDecoder(self.codec, min_frames=self.stream_frames),
+            text_logits=logits.text,
+            audio_logits=logits.audio,
+        )
+        self._active[slot] = seq
+        self.stats["requests"] += 1
+        log.info("request %s: slot %d, %d prompt positions", request.request_id, slot, seq.prompt_tokens)
+
+    def _special_ids(self) -> dict[str, int]:
+        spec = self.spec
+        return {
+            "<|end_of_text|>": spec.eos_token_id,
+            "<|eot_id|>": spec.eot_token_id,
+            "<|audio_eos|>": spec.audio_eos_token_id,
+        }
+
+    def _prefill(self, slot: int, prompt):
+        if self.prefill_mode == "graph":
+            return self.runtime.prefill(slot, prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
+        return self.runtime.prefill_split(slot, prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
+
+    # -- deciding the next token of every sequence ----------------------------------------------------
+    def _decide(self, seqs: list[_Sequence]) -> None:
+        spec = self.spec
+        audio = [s for s in seqs if s.last_token == spec.audio_out_token_id]
+        text = [s for s in seqs if s.last_token not in (spec.audio_out_token_id, spec.audio_out_bos_token_id)]
+        for seq in seqs:
+            if seq.last_token == spec.audio_out_bos_token_id:  # AUDIO_INIT: forced, no sampling, no RNG
+                seq.segment_state = AudioSegmentState(spec.num_codebooks, spec.stream_bos_id, spec.stream_eos_id)
+                seq.assembler = FrameAssembler(spec.num_codebooks, spec.codebook_size)
+                seq.segments.append([])
+                seq.audio_ended = False
+                self._emit_column(seq, seq.segment_state.first_column(), spec.audio_out_token_id)
+        if audio:
+            for seq, column in zip(audio, self._sample_audio(audio)):
+                column, ended = seq.segment_state.step(column)
+                self._emit_column(seq, column, spec.audio_eos_token_id if ended else spec.audio_out_token_id)
+        if text:
+            for seq, token in zip(text, self._sample_text(text)):
+                self._record(seq, int(token))
+
+    def _emit_column(self, seq: _Sequence, column: np.ndarray, token: int) -> None:
+        seq.segments[-1].append(column)
+        seq.history.append(column)
+        self._stream(seq, seq.assembler.push(column))
+        if token == self.spec.audio_eos_token_id:
+            self._close_segment(seq)
+            seq.audio_ended = True
+        self._record(seq, token, column)
+
+    def _record(self, seq: _Sequence, token: int, column: np.ndarray | None = None) -> None:
+        """Count the step, apply the stop rules, and decide what the next forward pass is fed."""
+        spec = self.spec
+        seq.steps += 1
+        new_segment = token == spec.audio_out_token_id and seq.last_token != spec.audio_out_token_id
+        if token != spec.audio_out_token_id or new_segment:  # upstream's compressed text id list
+            seq.text_ids.append(token)
+            if token not in (spec.audio_out_token_id, spec.audio_eos_token_id):
+                seq.handle.push(TextDelta((token,)))
+            matched = seq.stop.push(token)
+            if matched is not None:
+                self._finish(seq, "stop", spec.stream_eos_id if seq.audio_ended else matched)
+                return
+        if seq.steps >= seq.max_tokens:
+            self._finish(seq, "length", None)
+            return
+        seq.last_token = token
+        seq.feed = ("audio", column) if token == spec.audio_out_token_id else ("text", token)
+
+    # -- sampling -----------------------------------------------------------------------------------
+    def _sample_audio(self, seqs: list[_Sequence]) -> np.ndarray:
+        """One column per sequence: warpers + draw for all S*N codebook rows at once, then RAS."""
+        n = self.spec.num_codebooks
+        params = [s.request.sampling for s in seqs]
+        raw = np.concatenate([s.audio_logits for s in seqs])  # (S*N, C+2)
+        uniforms = np.stack([s.rng.random((2, n)) for s in seqs])  # draw, RAS redraw
+        drawn = sample(raw, *params_to_arrays(params, n), uniforms[:, 0].reshape(-1))
+        width = max(max(p.ras_window, 0) for p in params)
+        if width:
+            windows = np.concatenate([ras_window(_history(s, n), s.request.sampling.ras_window, width) for s in seqs])
+            max_repeat = np.repeat([p.ras_max_repeat for p in params], n)
+            drawn = ras_redraw(drawn, raw, windows, max_repeat, uniforms[:, 1].reshape(-1))
+        return drawn.reshape(len(seqs), n)
+
+    def _sample_text(self, seqs: list[_Sequence]) -> np.ndarray:
+        raw = np.stack([s.text_logits for s in seqs])
+        uniforms = np.array([s.rng.random() for s in seqs])
+        return sample(raw, *params_to_arrays([s.request.sampling for s in seqs]), uniforms)
+
+    # -- feeding the backbone ---------------------------------------------------------------------------
+    def _feed(self) -> float:
+        started = time.perf_counter()
+        audio = [s for s in self._active.values() if s.feed and s.feed[0] == "audio"]
+        text = [s for s in self._active.values() if s.feed and s.feed[0] == "text"]
+        if audio:
+            slots = np.array([s.slot for s in audio])
+            logits = self.runtime.audio_step(slots, np.stack([s.feed[1] for s in audio]), np.array([s.cache_length for s in audio]))
+            for seq, row in zip(audio, logits):
+                seq.audio_logits, seq.text_logits = row.copy(), None
+        for run in _contiguous_runs(sorted(text, key=lambda s: s.slot)):
+            slots = np.array([s.slot for s in run])
+            logits = self.runtime.text_step(slots, np.array([s.feed[1] for s in run]), np.array([s.cache_length for s in run]))
+            for seq, row in zip(run, logits):
+                seq.text_logits, seq.audio_logits = row.copy(), None
+        for seq in audio + text:
+            seq.cache_length += 1
+            seq.feed = None
+        return time.perf_counter() - started
+
+    # -- audio out ------------------------------------------------------------------------------------
+    def _stream(self, seq: _Sequence, frames: np.ndarray) -> None:
+        if frames.shape[1]:
+            self._push_pcm(seq, seq.streamer.push(frames))
+
+    def _push_pcm(self, seq: _Sequence, pcm: np.ndarray) -> None:
+        if pcm.size:
+            seq.audio_samples += pcm.size
+            seq.handle.push(AudioChunk(pcm))
+
+    def _close_segment(self, seq: _Sequence) -> None:
+        if seq.assembler is not None:  # the assembler has released every frame already
+            self._push_pcm(seq, seq.streamer.flush())
+            seq.assembler = None
+            seq.segment_state = None
+
+    def _finish(self, seq: _Sequence, reason: str, stop_reason, error: str | None = None) -> None:
+        self._close_segment(seq)
+        seconds = seq.audio_samples / SAMPLE_RATE
+        self.stats["audio_seconds"] += seconds
+        seq.handle.push(
+            Finished(
+                reason,
+                stop_reason,
+                seq.prompt_tokens,
+                seq.steps,
+                seconds,
+                error=error,
+                segments=tuple(np.stack(columns, axis=1) for columns in seq.segments if columns),
+                text_ids=tuple(seq.text_ids),
+            )
+        )
+        del self._active[seq.slot]
+        self._free_slots.append(seq.slot)
+        self._free_slots.sort()
+        seq.feed = None
+        log.info(
+            "request %s: %s after %d steps, %.2fs audio, %.2fs wall",
+            seq.request.request_id, reason, seq.steps, seconds, time.monotonic() - seq.submitted_at,
+        )
+
+
+def _history(seq: _Sequence, num_codebooks: int) -> np.ndarray:
+    return np.stack(seq.history, axis=1) if seq.history else np.zeros((num_codebooks, 0), np.int64)
+
+
+def _contiguous_runs(seqs: list[_Sequence]):
+    run: list[_Sequence] = []
+    for seq in seqs:
+        if run and seq.slot != run[-1].slot + 1:
+            yield run
+            run = []
+        run.append(seq)
+    if run:
+        yield run
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def write_wav(path: Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    data = (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes(data.tobytes())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engines.generate", description="Text to speech with exported Higgs Audio graphs.")
+    parser.add_argument("--artifacts", type=Path, required=True, help="directory written by make export")
+    parser.add_argument("--text", required=True, help="what to say")
+    parser.add_argument("--out", type=Path, default=Path("out.wav"), help="WAV file to write (24 kHz mono PCM16)")
+    parser.add_argument("--scene", help="scene description for the system prompt")
+    parser.add_argument("--ref-audio", type=Path, help="reference clip to clone (wav/mp3/flac/ogg)")
+    parser.add_argument("--ref-text", help="transcript of --ref-audio")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--ras-window", type=int, default=7, help="repetition-aware sampling window (<= 0 disables)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=1024, help="generation steps (one audio frame = 40 ms)")
+    parser.add_argument("--runtime", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt"])
+    parser.add_argument("--stream", action="store_true", help="print each audio chunk as it is decoded")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if (args.ref_audio is None) != (args.ref_text is None):
+        parser.error("--ref-audio and --ref-text go together (the clip and its transcript)")
+    try:
+        engine = Engine.from_artifacts(args.artifacts, runtime=args.runtime, max_batch=1, max_len=args.max_tokens + 2048)
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    references = ()
+    if args.ref_audio is not None:
+        from .audio_io import AudioError, decode_audio, resample
+
+        try:
+            wave_in, rate = decode_audio(args.ref_audio.read_bytes(), args.ref_audio.suffix.lstrip("."))
+            codes = engine.encode_reference(resample(wave_in, rate, SAMPLE_RATE))
+        except (AudioError, NotImplementedError, ValueError) as error:
+            print(f"error: --ref-audio {args.ref_audio}: {error}", file=sys.stderr)
+            return 2
+        references = ((args.ref_text, codes),)
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, ras_window=args.ras_window, seed=args.seed)
+    request = SpeechRequest(tts_messages(args.text, scene=args.scene, references=references), sampling=sampling, max_tokens=args.max_tokens)
+    engine.warmup()
+    started = time.perf_counter()
+    try:
+        handle = engine.submit(request)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    chunks, finished, first_audio = [], None, None
+    while True:
+        busy = engine.step()
+        for event in handle.poll():
+            if isinstance(event, AudioChunk):
+                first_audio = first_audio or time.perf_counter() - started
+                chunks.append(event.pcm)
+                if args.stream:
+                    print(f"chunk {len(chunks)}: {event.pcm.size / SAMPLE_RATE:.2f}s of audio at {time.perf_counter() - started:.2f}s", flush=True)
+            elif isinstance(event, Finished):
+                finished = event
+        if not busy:
+            break
+    pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    write_wav(args.out, pcm)
+    elapsed = time.perf_counter() - started
+    print(
+        f"wrote {args.out}: {pcm.size / SAMPLE_RATE:.2f}s of audio in {elapsed:.2f}s "
+        f"({finished.finish_reason}, {finished.completion_tokens} steps"
+        f"{f', first audio after {first_audio:.2f}s' if first_audio else ''})"
+    )
+    return 0 if finished.finish_reason in ("stop", "length") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

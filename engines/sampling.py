@@ -1,0 +1,265 @@
+"""Logits processing, sampling and repetition-aware sampling (spec llm.md §5.6), numpy only.
+
+Every function works on a batch of independent rows: one row per text step of a sequence, or one
+row per codebook of an audio step (8 per sequence), so the decode loop makes one call per step for
+all the sequences it runs together. Randomness comes in as uniform numbers that the caller draws
+from one `np.random.Generator` per request, which keeps a request reproducible whatever other
+requests share its batch.
+
+Upstream (HF transformers 4.46 warpers): temperature (only when != 1), then top-k (keep values >=
+the k-th largest, ties kept), then top-p (sort ascending, cumulative softmax, remove entries whose
+cumulative probability is <= 1 - top_p, always keep the largest), removed entries = -inf.
+
+Top-k and top-p need each row's order near their cut only. Entries that are removed whatever the
+order (below a cheap per-row floor, `_candidate_floor`) are left out, the rest is sorted by value
+(one `np.sort` for all rows) and the cut is read off the sorted values. Cumulative probabilities
+are summed in float64 and compared in float32, as torch's CPU `cumsum` does, so the kept sets are
+those of upstream's full sort (the goldens match exactly) unless an entry sits within float32
+rounding of the cut.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from engines.api import SamplingParams
+
+RAS_PAD = -1  # filler of RAS windows shorter than the window length; never equal to a code
+
+
+def params_to_arrays(params: Sequence[SamplingParams], repeat: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row (temperature, top_k, top_p) arrays for requests whose rows are `repeat` apart.
+
+    Use repeat=8 for audio steps (one row per codebook); top_k None becomes 0 (off).
+    """
+    temperature = np.repeat([p.temperature for p in params], repeat).astype(np.float64)
+    top_k = np.repeat([p.top_k or 0 for p in params], repeat).astype(np.int64)
+    top_p = np.repeat([p.top_p for p in params], repeat).astype(np.float64)
+    return temperature, top_k, top_p
+
+
+def process_logits(logits: np.ndarray, temperature, top_k, top_p) -> np.ndarray:
+    """Temperature -> top-k -> top-p on each row of `logits` (R, V); returns float32 (R, V).
+
+    temperature (R,): 0 marks a greedy row, which is returned unchanged (the caller argmaxes it:
+    upstream applies no warper without do_sample). top_k (R,): 0 = off. top_p (R,): 1.0 = off.
+    Scalars are broadcast to all rows. Removed entries are -inf.
+    """
+    scores = np.array(logits, dtype=np.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"logits must be (rows, vocab), got shape {scores.shape}")
+    rows, vocab = scores.shape
+    t = _per_row(temperature, rows, np.float64, "temperature")
+    k = _per_row(top_k, rows, np.int64, "top_k")
+    p = _per_row(top_p, rows, np.float64, "top_p")
+    if (t < 0).any() or not np.isfinite(t).all():
+        raise ValueError("temperature must be finite and >= 0 (0 = greedy)")
+    if (k < 0).any():
+        raise ValueError("top_k must be >= 0 (0 = off)")
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError("top_p must be in [0, 1] (1 = off)")
+
+    sampled = t > 0
+    scaled = sampled & (t != 1.0)
+    scores[scaled] /= t[scaled, None].astype(np.float32)
+    use_k = sampled & (k > 0) & (k < vocab)
+    use_p = sampled & (p < 1.0)
+    sel = use_k | use_p
+    if sel.all():
+        return _truncate(scores, np.where(use_k, k, 0), np.where(use_p, p, 1.0))
+    if sel.any():
+        scores[sel] = _truncate(scores[sel], np.where(use_k[sel], k[sel], 0), np.where(use_p[sel], p[sel], 1.0))
+    return scores
+
+
+def categorical(logits: np.ndarray, uniforms: np.ndarray, greedy: np.ndarray | None = None) -> np.ndarray:
+    """One index per row of `logits` (R, V) (processed, -inf = removed); returns int64 (R,).
+
+    Sampled rows draw from softmax(logits) by inverse CDF at `uniforms` (R,) in [0, 1); rows
+    marked in `greedy` (R,) bool take the first maximum, like torch.argmax.
+    """
+    x = np.asarray(logits, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"logits must be (rows, vocab), got shape {x.shape}")
+    rows = x.shape[0]
+    u = _per_row(uniforms, rows, np.float64, "uniforms")
+    g = np.zeros(rows, bool) if greedy is None else _per_row(greedy, rows, bool, "greedy")
+    out = np.empty(rows, np.int64)
+    if g.any():
+        out[g] = np.argmax(_take_rows(x, g), axis=1)
+    if not g.all():
+        if ((u < 0) | (u >= 1)).any():
+            raise ValueError("uniforms must lie in [0, 1)")
+        out[~g] = _inverse_cdf(_take_rows(x, ~g), u[~g])
+    return out
+
+
+def sample(logits: np.ndarray, temperature, top_k, top_p, uniforms: np.ndarray) -> np.ndarray:
+    """process_logits + categorical: one draw per row, greedy where temperature == 0."""
+    t = _per_row(temperature, np.shape(logits)[0], np.float64, "temperature")
+    return categorical(process_logits(logits, t, top_k, top_p), uniforms, greedy=t == 0)
+
+
+def ras_window(history: np.ndarray, win: int, width: int | None = None) -> np.ndarray:
+    """The last `win` columns of an (N, n) audio-out history as RAS window rows (N, width).
+
+    Left-padded with RAS_PAD when the history is shorter than `win` or `width` exceeds it (to
+    stack sequences with different windows); win <= 0 (RAS off) gives an all-RAS_PAD window.
+    """
+    hist = np.asarray(history, dtype=np.int64)
+    if hist.ndim != 2:
+        raise ValueError(f"history must be (codebooks, columns), got shape {hist.shape}")
+    take = min(max(win, 0), hist.shape[1])
+    width = max(win, 0) if width is None else width
+    if width < max(win, 0):
+        raise ValueError(f"width {width} is smaller than the window {win}")
+    out = np.full((hist.shape[0], width), RAS_PAD, np.int64)
+    if take:
+        out[:, width - take :] = hist[:, hist.shape[1] - take :]
+    return out
+
+
+def ras_redraw(
+    drawn: np.ndarray, raw_logits: np.ndarray, history: np.ndarray, max_repeat, uniforms: np.ndarray
+) -> np.ndarray:
+    """Repetition-aware sampling: redraw rows whose drawn value repeats too often in their window.
+
+    drawn (R,): the values just drawn (sampled or greedy). raw_logits (R, V): the model's logits
+    before any processing; a redraw samples softmax(raw_logits) at `uniforms` (R,) (upstream:
+    multinomial on the raw logits, also in greedy mode). history (R, W): each row's RAS window
+    from `ras_window` (the last win values of that codebook's audio-out history before this
+    column; RAS_PAD fill). A row is redrawn iff its window holds a real value and the drawn value
+    occurs >= max_repeat (scalar or (R,)) times in it; an all-pad row (RAS off) is never redrawn.
+    Returns a new int64 (R,) array.
+    """
+    out = np.array(drawn, dtype=np.int64)
+    hist = np.asarray(history, dtype=np.int64)
+    if out.ndim != 1 or hist.ndim != 2 or hist.shape[0] != out.shape[0]:
+        raise ValueError(f"drawn (R,) and history (R, W) disagree: {out.shape} vs {hist.shape}")
+    repeats = np.count_nonzero(hist == out[:, None], axis=1)
+    redo = (hist != RAS_PAD).any(axis=1) & (repeats >= _per_row(max_repeat, out.shape[0], np.int64, "max_repeat"))
+    if redo.any():
+        u = _per_row(uniforms, out.shape[0], np.float64, "uniforms")
+        out[redo] = categorical(np.asarray(raw_logits)[redo], u[redo])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def _per_row(value, rows: int, dtype, name: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=dtype)
+    if arr.ndim == 0:
+        return np.full(rows, arr, dtype)
+    if arr.shape != (rows,):
+        raise ValueError(f"{name} must be a scalar or have shape ({rows},), got {arr.shape}")
+    return arr
+
+
+def _take_rows(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """x[mask] without copying when every row is selected (a text batch is 32 MB)."""
+    return x if mask.all() else x[mask]
+
+
+def _truncate(s: np.ndarray, k: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Top-k (k > 0) then top-p (p < 1) on float32 rows; returns them with removed entries at -inf.
+
+    Works on each row's candidates (entries >= `_candidate_floor`) sorted by value: the k-th
+    largest value and the top-p cut value come from that sorted array, and an entry is removed
+    iff it is below the cut value. Entries equal to the top-p cut value are removed in index order
+    up to the cut position (torch's order among exact ties is that of its unstable sort).
+    """
+    rows, vocab = s.shape
+    ridx = np.arange(rows)
+    top = s.max(axis=1)
+    only_p = (k == 0) & (p < 1)
+    full_mass = np.zeros(rows)  # sum of exp(value - max) over the whole row, for top-p-only rows
+    if only_p.any():
+        shifted = _take_rows(s, only_p) - top[only_p, None]
+        full_mass[only_p] = np.exp(shifted, out=shifted).sum(axis=1, dtype=np.float64)
+    vals = _sorted_candidates(s, _candidate_floor(s, top, full_mass, k, p))
+    width = vals.shape[1]
+
+    kth = np.where(k > 0, vals[ridx, width - np.maximum(k, 1)], np.float32(-np.inf))
+    e = np.exp(vals - top[:, None])  # 0 at the -inf fill
+    if (k > 0).any():
+        e[vals < kth[:, None]] = 0
+    kept_mass = e.sum(axis=1, dtype=np.float64)
+    total = np.where(only_p, full_mass, kept_mass)  # softmax denominator after top-k
+    below = np.where(only_p, np.maximum(full_mass - kept_mass, 0.0), 0.0)  # mass left out below the floor
+    probs = (e / total[:, None]).astype(np.float32)  # torch: float32 probabilities, float64 running sum
+    running = (below / total)[:, None] + np.cumsum(probs.astype(np.float64), axis=1)
+    threshold = (1.0 - p).astype(np.float32)  # torch compares with float32(1 - p)
+    cut_pos = np.minimum(np.count_nonzero(running.astype(np.float32) <= threshold[:, None], axis=1), width - 1)
+    cut = np.where(p < 1, vals[ridx, cut_pos], kth)
+
+    out = np.where(s < cut[:, None], np.float32(-np.inf), s)
+    tied_out = np.where(p < 1, cut_pos - np.count_nonzero(vals < cut[:, None], axis=1), 0)
+    tied = np.flatnonzero(tied_out > 0)  # rows where exact ties straddle the top-p cut
+    if tied.size:
+        tie = s[tied] == cut[tied, None]
+        out[tied] = np.where(tie & (np.cumsum(tie, axis=1) <= tied_out[tied, None]), np.float32(-np.inf), out[tied])
+    return out
+
+
+def _candidate_floor(s: np.ndarray, top: np.ndarray, full_mass: np.ndarray, k: np.ndarray, p: np.ndarray):
+    """Per-row value below which top-k / top-p remove every entry, so only entries above it need sorting.
+
+    Top-k: the minimum of k block maxima (k distinct entries are >= it, so it is <= the k-th
+    largest). Top-p alone: an entry with probability P has cumulative probability <= V * P, so
+    it is removed when V * P <= 1 - top_p, i.e. below max + log((1 - top_p) * full_mass / V)
+    (less 0.01 of margin), full_mass being the row's sum of exp(value - max).
+    """
+    rows, vocab = s.shape
+    floor = np.full(rows, -np.inf, np.float32)
+    only_p = (k == 0) & (p < 1)
+    with np.errstate(divide="ignore"):
+        bound = np.log((1.0 - p[only_p]) * full_mass[only_p] / vocab) - 0.01
+    floor[only_p] = top[only_p] + bound.astype(np.float32)
+    for kk in np.unique(k[k > 0]):  # one pass per distinct k, not per row
+        sel = np.flatnonzero(k == kk)
+        size = vocab // kk
+        floor[sel] = s[sel, : kk * size].reshape(sel.size, kk, size).max(axis=2).min(axis=1)
+    return floor
+
+
+def _sorted_candidates(s: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """Each row's entries >= floor, ascending and right-aligned in (rows, width), -inf filled."""
+    rows, vocab = s.shape
+    keep = s >= floor[:, None]
+    num = np.count_nonzero(keep, axis=1)
+    width = int(num.max())
+    if width > vocab // 2:  # compaction would not pay: sort whole rows
+        return np.sort(s, axis=1)
+    r = np.repeat(np.arange(rows), num)
+    slot = np.arange(r.size) + np.repeat(width - np.cumsum(num), num)  # right-aligned within the row
+    vals = np.full((rows, width), -np.inf, np.float32)
+    vals[r, slot] = s[keep]
+    vals.sort(axis=1)
+    return vals
+
+
+def _inverse_cdf(x: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Index i per row with cdf(i-1) <= u * total < cdf(i), never a zero-probability entry.
+
+    Two levels (blocks of ~sqrt(V) entries, then inside the chosen block) so a 128256-wide row
+    needs no full-length cumulative sum.
+    """
+    top = x.max(axis=1, keepdims=True)
+    if not np.isfinite(top).all():
+        raise ValueError("every sampled row needs a finite maximum logit")
+    e = np.exp(x - top)
+    rows, vocab = e.shape
+    block = int(np.ceil(np.sqrt(vocab)))
+    block_mass = np.add.reduceat(e, np.arange(0, vocab, block), axis=1, dtype=np.float64)
+    cum = np.cumsum(block_mass, axis=1)
+    target = u * cum[:, -1]
+    last_block = block_mass.shape[1] - 1 - np.argmax(block_mass[:, ::-1] > 0, axis=1)
+    blk = np.minimum(np.count_nonzero(cum <= target[:, None], axis=1), last_block)
+    ridx = np.arange(rows)
+    base = np.where(blk > 0, cum[ridx, np.maximum(blk - 1, 0)], 0.0)
+    cols = blk[:, None] * block + np.arange(block)
+    w = np.where(cols < vocab, e[ridx[:, None], np.minimum(cols, vocab - 1)], 0).astype(np.float64)
+    within = base[:, None] + np.cumsum(w, axis=1)
+    last_in_block = block - 1 - np.argmax(w[:, ::-1] > 0, axis=1)
+    return blk * block + np.minimum(np.count_nonzero(within <= target[:, None], axis=1), last_in_block)

@@ -1,0 +1,101 @@
+"""`python -m serve --artifacts DIR [...]`: build the engine from exported artifacts and serve it.
+
+API keys come from repeated --api-key flags plus HIGGS_API_KEYS (comma-separated); with none,
+the server is open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from engines.api import SamplingParams
+from serve.settings import Limits, ServeSettings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults, limits, sampling = ServeSettings(), Limits(), SamplingParams()
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--artifacts", type=Path, required=True, help="directory written by `make export`")
+    p.add_argument("--model", default=defaults.model_name, help="served model name")
+    p.add_argument("--alias", action="append", default=[],
+                   help=f"extra accepted model name (repeatable); {defaults.aliases} are always accepted")
+    p.add_argument("--host", default=defaults.host)
+    p.add_argument("--port", type=int, default=defaults.port)
+    p.add_argument("--runtime", choices=("ort-cpu", "ort-cuda", "tensorrt"), default=defaults.runtime)
+    p.add_argument("--max-batch", type=int, default=defaults.max_batch, help="concurrent decode slots")
+    p.add_argument("--queue-size", type=int, default=defaults.queue_size,
+                   help="requests waiting for a slot before new ones get 429")
+    p.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable)")
+    p.add_argument("--voices", type=Path, help="voice preset directory (see serve/voices.py for layouts)")
+    p.add_argument("--voice-alias", action="append", default=[], metavar="NAME=PRESET",
+                   help="map a client voice name (e.g. alloy) to a preset (repeatable)")
+    p.add_argument("--temperature", type=float, default=sampling.temperature, help="default when a request omits it")
+    p.add_argument("--top-p", type=float, default=sampling.top_p, help="default when a request omits it")
+    p.add_argument("--top-k", type=int, default=sampling.top_k, help="default when a request omits it (off)")
+    p.add_argument("--ras-win-len", type=int, default=sampling.ras_window, help="RAS window, <= 0 disables")
+    p.add_argument("--ras-max-repeat", type=int, default=sampling.ras_max_repeat)
+    p.add_argument("--max-input-chars", type=int, default=limits.max_input_chars)
+    p.add_argument("--max-completion-tokens", type=int, default=limits.max_completion_tokens)
+    p.add_argument("--max-reference-seconds", type=float, default=limits.max_reference_seconds)
+    p.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout_s,
+                   help="seconds to let in-flight requests finish on shutdown")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace, environ=os.environ) -> ServeSettings:
+    defaults = ServeSettings()
+    env_keys = [k.strip() for k in environ.get("HIGGS_API_KEYS", "").split(",") if k.strip()]
+    voice_aliases = {}
+    for item in args.voice_alias:
+        name, sep, preset = item.partition("=")
+        if not sep or not name or not preset:
+            raise SystemExit(f"--voice-alias expects NAME=PRESET, got {item!r}")
+        voice_aliases[name] = preset
+    limits = dataclasses.replace(Limits(), max_input_chars=args.max_input_chars,
+                                 max_completion_tokens=args.max_completion_tokens,
+                                 default_max_tokens=min(Limits().default_max_tokens, args.max_completion_tokens),
+                                 max_reference_seconds=args.max_reference_seconds)
+    return ServeSettings(
+        artifacts=args.artifacts,
+        model_name=args.model,
+        aliases=tuple(dict.fromkeys((*defaults.aliases, *args.alias))),
+        host=args.host,
+        port=args.port,
+        runtime=args.runtime,
+        max_batch=args.max_batch,
+        queue_size=args.queue_size,
+        api_keys=tuple(args.api_key + env_keys),
+        voices_dir=args.voices,
+        voice_aliases=voice_aliases,
+        sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                ras_window=args.ras_win_len, ras_max_repeat=args.ras_max_repeat),
+        limits=limits,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+
+    import uvicorn
+
+    from engines.generate import Engine  # imported here: the app and its tests do not need the decode loop
+    from serve.app import create_app
+
+    engine = Engine.from_artifacts(settings.artifacts, runtime=settings.runtime, max_batch=settings.max_batch,
+                                   max_queue=settings.queue_size)
+    engine.start()  # warm-up before listening: the first request pays no graph setup
+    uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=int(settings.shutdown_timeout_s))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""The HTTP server: OpenAI chat completions with audio out, OpenAI TTS, voices, models, health and
+metrics over any `engines.api.SpeechEngine`.
+
+The engine decodes on its own thread and pushes events into the request's event loop
+(`engines.api.Generation`); handlers only await those events, and CPU-bound audio work
+(decoding reference clips, encoding output) runs in worker threads, so the loop never blocks on
+generation. A client that leaves early gets its generation cancelled (the engine frees the slot
+within one decode step). API: shared/api/README.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.parser
+import email.policy
+import hmac
+import json
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from typing import AsyncIterator
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engines.api import AudioChunk, Finished, QueueFull, SpeechEngine, SpeechRequest
+from engines.audio_io import MEDIA_TYPES, StreamingEncoder, encode_audio, to_pcm16
+from serve.conversation import RequestBuilder
+from serve.errors import APIError, install_error_handlers
+from serve.metrics import Metrics
+from serve.protocol import (AudioSpeechRequest, ChatCompletionAudio, ChatCompletionChoice, ChatCompletionMessage,
+                            ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamChoice,
+                            ChatCompletionStreamResponse, DeltaAudio, DeltaMessage, ModelCard, ModelList,
+                            SpeechAudioDelta, SpeechAudioDone, SpeechUsage, UsageInfo, VoiceList)
+from serve.settings import ServeSettings
+from serve.voices import ReferenceEncoder, VoiceLibrary
+
+log = logging.getLogger("serve")
+
+_ENDPOINTS = ("/v1/chat/completions", "/v1/audio/speech", "/v1/audio/voices", "/v1/models", "/health", "/metrics")
+# engine finish reasons -> OpenAI's; "abort" (vLLM's word) when the server cancelled the generation
+_FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+
+
+def create_app(engine: SpeechEngine, settings: ServeSettings) -> FastAPI:
+    """The app for one engine. Startup loads and encodes the voice presets; shutdown drains the
+    engine (in-flight streams end with their final chunk) within settings.shutdown_timeout_s."""
+    metrics = Metrics(queue_depth=engine.queue_depth)
+    voices = VoiceLibrary(settings.voices_dir, settings.voice_aliases, ReferenceEncoder(engine), settings.limits,
+                          engine.sample_rate)
+    builder = RequestBuilder(settings, voices, engine.sample_rate)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await voices.load()
+        log.info("serving %s as %s; api keys %s", type(engine).__name__, ", ".join(settings.model_names),
+                 "required" if settings.api_keys else "off")
+        yield
+        await asyncio.to_thread(_shutdown_engine, engine, settings.shutdown_timeout_s)
+
+    app = FastAPI(title="Higgs Audio V2 text-to-speech", lifespan=lifespan)
+    app.state.metrics = metrics
+    install_error_handlers(app, on_error=lambda error: metrics.errors.labels(error.code).inc())
+    app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
+
+    def submit(request: SpeechRequest, endpoint: str) -> Job:
+        if not engine.ready():
+            raise APIError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        try:
+            generation = engine.submit(request, asyncio.get_running_loop())
+        except ValueError as exc:  # the engine refuses the prompt (e.g. longer than its KV cache)
+            raise APIError(400, f"the engine cannot take this request: {exc}", code="invalid_prompt") from exc
+        except QueueFull as exc:
+            retry = max(1, math.ceil(exc.retry_after))
+            raise APIError(429, f"the server is at capacity ({engine.queue_depth()} requests queued); retry "
+                           f"after {retry} s", code="queue_full", headers={"Retry-After": str(retry)}) from exc
+        sampling = request.sampling
+        log.info("req %s: %s submitted: %d messages, max_tokens %d, temperature %g, top_p %g, top_k %s, seed %s",
+                 request.request_id, endpoint, len(request.messages), request.max_tokens, sampling.temperature,
+                 sampling.top_p, sampling.top_k, sampling.seed)
+        return Job(generation, endpoint, metrics, engine.sample_rate)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        """Audio out: base64 file in `audio.format` (default wav), or with `stream` PCM16 deltas
+        (streams are always PCM16 24 kHz mono, whatever `audio.format` says)."""
+        request_id = request.state.request_id
+        _log_ignored(body, request_id)
+        job = submit(await builder.from_chat(body, request_id), "chat")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return JobStream(job, _chat_chunks(job, body.model, include_usage), media_type="text/event-stream")
+        collected = await _collect(job, request)
+        if collected is None:
+            return Response(status_code=499)  # client closed the connection; nobody reads this
+        wave, finished = collected
+        fmt = body.audio.format if body.audio else "wav"
+        data = await asyncio.to_thread(encode_audio, wave, engine.sample_rate, "pcm" if fmt == "pcm16" else fmt)
+        response = ChatCompletionResponse(
+            id=f"chatcmpl-{request_id}",
+            model=body.model,
+            choices=[ChatCompletionChoice(
+                message=ChatCompletionMessage(audio=ChatCompletionAudio(
+                    id=f"audio-{uuid.uuid4().hex}", data=base64.b64encode(data).decode("ascii"))),
+                finish_reason=_FINISH_REASONS[finished.finish_reason],
+                stop_reason=finished.stop_reason,
+            )],
+            usage=_usage(finished),
+        )
+        return JSONResponse(response.model_dump())
+
+    @app.post("/v1/audio/speech")
+    async def audio_speech(body: AudioSpeechRequest, request: Request):
+        """OpenAI TTS: encoded bytes over chunked transfer as they are produced, or SSE events."""
+        request_id = request.state.request_id
+        _log_ignored(body, request_id)
+        speech_request = await builder.from_speech(body, request_id)
+        encoder = StreamingEncoder(body.response_format, engine.sample_rate, body.speed)
+        job = submit(speech_request, "speech")  # last: nothing may fail between submit and streaming
+        if body.stream_format == "sse":
+            return JobStream(job, _speech_events(job, encoder), media_type="text/event-stream")
+        return JobStream(job, _encoded_audio(job, encoder), media_type=MEDIA_TYPES[body.response_format])
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[
+            ModelCard(id=name, created=created, root=settings.model_name,
+                      parent=None if name == settings.model_name else settings.model_name)
+            for name in settings.model_names])
+
+    @app.get("/v1/audio/voices")
+    async def list_voices() -> VoiceList:
+        return VoiceList(data=voices.cards())
+
+    @app.post("/v1/audio/voices")
+    async def add_voice(request: Request):
+        """multipart/form-data: `name`, `transcript` (what the clip says), `audio` (the clip file)."""
+        fields = await _multipart(request)
+        missing = [f for f in ("name", "transcript", "audio") if f not in fields]
+        if missing:
+            raise APIError(400, f"missing form field(s) {', '.join(missing)}: send name, transcript and audio (file)",
+                           param=missing[0])
+        audio, filename = fields["audio"]
+        suffix = filename.rpartition(".")[2] if filename and "." in filename else None
+        voice = await voices.add(fields["name"][0].decode("utf-8", "replace"),
+                                 fields["transcript"][0].decode("utf-8", "replace"), audio, suffix)
+        card = next(c for c in voices.cards() if c.id == voice.name)
+        return JSONResponse(card.model_dump(), status_code=201)
+
+    @app.get("/health")
+    async def health():
+        if engine.ready():
+            return {"status": "ok"}
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# one generation as the server sees it
+
+
+class Job:
+    """A submitted generation: its events with metrics and logs on the way through, and
+    `abandon()` for a client that left before the end."""
+
+    def __init__(self, generation, endpoint: str, metrics: Metrics, sample_rate: int):
+        self.generation = generation
+        self.request_id = generation.request.request_id
+        self.endpoint = endpoint
+        self.finished: Finished | None = None
+        self._metrics = metrics
+        self._rate = sample_rate
+        self._submitted = time.perf_counter()
+        self._first_audio: float | None = None
+        self._samples = 0
+        self._open = True
+        metrics.in_flight.inc()
+
+    async def events(self) -> AsyncIterator[AudioChunk | Finished]:
+        async for event in self.generation.events():
+            if isinstance(event, AudioChunk) and len(event.pcm):
+                if self._first_audio is None:
+                    self._first_audio = time.perf_counter() - self._submitted
+                    self._metrics.ttfa.labels(self.endpoint).observe(self._first_audio)
+                    log.info("req %s: first audio after %.3f s", self.request_id, self._first_audio)
+                self._samples += len(event.pcm)
+                yield event
+            elif isinstance(event, Finished):
+                self._finish(event)
+                yield event
+
+    def abandon(self, cause: str) -> None:
+        """Cancel the generation unless it already finished; idempotent."""
+        if not self._open:
+            return
+        self.generation.cancel()
+        self._close()
+        self._metrics.cancelled.labels(cause).inc()
+        log.info("req %s: %s after %.2f s of audio; generation cancelled", self.request_id, cause,
+                 self._samples / self._rate)
+
+    def _finish(self, finished: Finished) -> None:
+        self.finished = finished
+        self._close()
+        m = self._metrics
+        m.finished.labels(finished.finish_reason).inc()
+        m.prompt_tokens.inc(finished.prompt_tokens)
+        m.steps.inc(finished.completion_tokens)
+        m.audio_seconds.labels(self.endpoint).inc(finished.audio_seconds)
+        first = f"{self._first_audio:.3f} s" if self._first_audio is not None else "never"
+        log.info("req %s: finished (%s): prompt %d tokens, %d steps, %.2f s audio, first audio %s, total %.2f s",
+                 self.request_id, finished.finish_reason, finished.prompt_tokens, finished.completion_tokens,
+                 finished.audio_seconds, first, time.perf_counter() - self._submitted)
+        if finished.finish_reason == "error":
+            log.error("req %s: engine error: %s", self.request_id, finished.error)
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            self._metrics.in_flight.dec()
+
+
+class JobStream(StreamingResponse):
+    """A streaming response that cancels its job when the stream ends early. Starlette stops the
+    body iterator when the client disconnects (or a send fails); either way we land here."""
+
+    def __init__(self, job: Job, content, media_type: str):
+        super().__init__(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.abandon("disconnect")
+
+
+async def _collect(job: Job, request: Request) -> tuple[np.ndarray, Finished] | None:
+    """All audio of a non-streaming job, or None if the client disconnected first (then the job
+    is cancelled). Engine failures become 500 / 503 errors."""
+
+    async def gather():
+        chunks = []
+        async for event in job.events():
+            if isinstance(event, AudioChunk):
+                chunks.append(event.pcm)
+            else:
+                return chunks, event
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    gathering, watching = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({gathering, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not gathering.done():
+            gathering.cancel()
+            job.abandon("disconnect" if watching.done() else "server cancelled")
+    if not gathering.done() or gathering.cancelled():
+        return None
+    chunks, finished = gathering.result()
+    _raise_for_failure(finished)
+    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), finished
+
+
+def _raise_for_failure(finished: Finished) -> None:
+    if finished.finish_reason == "error":
+        raise APIError(500, f"generation failed: {finished.error or 'engine error'}", code="generation_failed")
+    if finished.finish_reason == "cancelled":
+        raise APIError(503, "generation was cancelled: the server is shutting down; retry", code="cancelled",
+                       headers={"Retry-After": "5"})
+
+
+def _usage(finished: Finished) -> UsageInfo:
+    return UsageInfo(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
+                     total_tokens=finished.prompt_tokens + finished.completion_tokens)
+
+
+def _sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def _chat_chunks(job: Job, model: str, include_usage: bool) -> AsyncIterator[str]:
+    """chat.completion.chunk events: role, PCM16 audio deltas as they arrive, the finish chunk,
+    the usage chunk if asked for, [DONE]. An engine failure is an SSE error event (the SDKs
+    raise it), since the 200 status is already sent."""
+    created, audio_id = int(time.time()), f"audio-{uuid.uuid4().hex}"
+
+    def chunk(delta: DeltaMessage, **choice) -> str:
+        return _sse(ChatCompletionStreamResponse(id=f"chatcmpl-{job.request_id}", created=created, model=model,
+                                                 choices=[ChatCompletionStreamChoice(delta=delta, **choice)]))
+
+    yield chunk(DeltaMessage(role="assistant", content=""))
+    async for event in job.events():
+        if isinstance(event, AudioChunk):
+            data = base64.b64encode(to_pcm16(event.pcm)).decode("ascii")
+            yield chunk(DeltaMessage(audio=DeltaAudio(id=audio_id, data=data)))
+        elif event.finish_reason == "error":
+            yield _sse(APIError(500, f"generation failed: {event.error}", code="generation_failed").body())
+        else:
+            yield chunk(DeltaMessage(), finish_reason=_FINISH_REASONS[event.finish_reason],
+                        stop_reason=event.stop_reason)
+            if include_usage:
+                yield _sse(ChatCompletionStreamResponse(id=f"chatcmpl-{job.request_id}", created=created,
+                                                        model=model, choices=[], usage=_usage(event)))
+    yield "data: [DONE]\n\n"
+
+
+async def _encoded_audio(job: Job, encoder: StreamingEncoder) -> AsyncIterator[bytes]:
+    """Encoded bytes as the audio arrives. A failed generation aborts the connection (raising
+    here), so the client sees a broken transfer rather than a silently truncated file."""
+    async for event in job.events():
+        if isinstance(event, AudioChunk):
+            data = await asyncio.to_thread(encoder.feed, event.pcm)
+        elif event.finish_reason in ("error", "cancelled"):
+            raise RuntimeError(f"req {job.request_id}: generation {event.finish_reason}: {event.error}")
+        else:
+            data = await asyncio.to_thread(encoder.finish)
+        if data:
+            yield data
+
+
+async def _speech_events(job: Job, encoder: StreamingEncoder) -> AsyncIterator[str]:
+    """OpenAI's speech SSE: speech.audio.delta events (base64 of the encoded bytes), then
+    speech.audio.done with usage, or an error event."""
+    try:
+        async for data in _encoded_audio(job, encoder):
+            yield _sse(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii")))
+    except RuntimeError as exc:
+        yield _sse(APIError(500, str(exc), code="generation_failed").body())
+        return
+    usage = job.finished
+    yield _sse(SpeechAudioDone(usage=SpeechUsage(input_tokens=usage.prompt_tokens,
+                                                 output_tokens=usage.completion_tokens,
+                                                 total_tokens=usage.prompt_tokens + usage.completion_tokens)))
+
+
+def _log_ignored(body: BaseModel, request_id: str) -> None:
+    if body.model_extra:
+        log.info("req %s: ignoring unknown fields %s", request_id, sorted(body.model_extra))
+
+
+async def _multipart(request: Request) -> dict[str, tuple[bytes, str | None]]:
+    """multipart/form-data -> {field: (bytes, filename)}, parsed with the standard library's MIME
+    parser (the body size is already capped by EdgeMiddleware)."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise APIError(415, "send multipart/form-data with fields name, transcript and audio (a file)")
+    raw = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + await request.body()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
+    if not message.is_multipart():
+        raise APIError(400, "malformed multipart body")
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            fields[name] = (part.get_payload(decode=True) or b"", part.get_filename())
+    return fields
+
+
+def _shutdown_engine(engine: SpeechEngine, timeout_s: float) -> None:
+    """engine.shutdown(drain=True) bounded in time; past the budget, cancel what is left."""
+    log.info("shutting down: draining in-flight generations (up to %.0f s)", timeout_s)
+    drainer = threading.Thread(target=engine.shutdown, kwargs={"drain": True}, daemon=True)
+    drainer.start()
+    drainer.join(timeout_s)
+    if drainer.is_alive():
+        log.warning("drain took longer than %.0f s; cancelling the remaining generations", timeout_s)
+        engine.shutdown(drain=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# edge: before routing
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
+
+
+class EdgeMiddleware:
+    """Pure ASGI (no buffering of streamed responses): request id (X-Request-Id in and out), API
+    keys on /v1/*, the request body cap (413 before anything parses it), request metrics."""
+
+    def __init__(self, app, settings: ServeSettings, metrics: Metrics):
+        self.app = app
+        self.keys = [key.encode() for key in settings.api_keys]
+        self.max_body = settings.limits.max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        supplied = headers.get("x-request-id", "")  # kept as a prefix for log correlation, never trusted unique
+        request_id = f"{supplied}-{uuid.uuid4().hex[:8]}" if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        try:
+            rejection = self._reject(scope["path"], headers)
+            if rejection is not None:
+                self.metrics.errors.labels(rejection.code).inc()
+                await rejection.response()(scope, receive, send_with_id)
+            else:
+                await self.app(scope, self._capped(receive), send_with_id)
+        finally:
+            endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    def _reject(self, path: str, headers: Headers) -> APIError | None:
+        if self.keys and path.startswith("/v1/"):
+            scheme, _, key = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                return APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                                code="missing_api_key")
+            if not any(hmac.compare_digest(key.strip().encode(), k) for k in self.keys):
+                return APIError(401, "invalid API key", code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and not length.isdigit():
+            return APIError(400, f"invalid Content-Length header {length!r}")
+        if length is not None and int(length) > self.max_body:
+            return APIError(413, f"request body of {length} bytes exceeds the {self.max_body} byte limit",
+                            code="request_too_large")
+        return None
+
+    def _capped(self, receive):
+        """receive() that stops a body without Content-Length (chunked) at the same cap."""
+        seen = 0
+
+        async def capped():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise StarletteHTTPException(413, f"request body exceeds the {self.max_body} byte limit")
+            return message
+
+        return capped

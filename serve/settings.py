@@ -1,0 +1,59 @@
+"""Server configuration: one frozen dataclass built by the CLI (serve/__main__.py) or by tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from engines.api import SamplingParams
+
+Runtime = Literal["ort-cpu", "ort-cuda", "tensorrt"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Everything beyond is a 4xx that names the limit."""
+
+    max_input_chars: int = 4096  # all text of a request: target, transcripts, scene description
+    max_messages: int = 32
+    max_completion_tokens: int = 4096  # upper bound for max_completion_tokens (steps, §5.7)
+    default_max_tokens: int = 1024  # when the request names none: about 40 s of audio; fits a 2048 KV cache
+    max_body_bytes: int = 24 * 2**20  # checked before parsing; base64 inflates audio by 4/3
+    max_reference_bytes: int = 16 * 2**20  # one encoded reference clip
+    min_reference_seconds: float = 0.5
+    max_reference_seconds: float = 30.0
+    max_references: int = 4  # reference clips in one request
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """Everything the app needs besides the engine.
+
+    `sampling` holds the defaults for fields a request leaves out. They are upstream's serve
+    engine defaults (spec llm.md §6.1: temperature 0.7, top_p 0.95, top_k off, RAS window 7 /
+    max 2 repeats), not the hosted example's (which sends temperature 1.0, top_k 50 itself).
+
+    `voice_aliases` maps names clients send (e.g. OpenAI's alloy, ash, ballad, coral, echo,
+    fable, nova, onyx, sage, shimmer, verse, marin, cedar) to preset names in `voices_dir`; a
+    name that is neither a preset nor an alias is a 400, never a silent fallback.
+    """
+
+    artifacts: Path | None = None
+    model_name: str = "higgs-audio-v2"
+    aliases: tuple[str, ...] = ("boson-audio-multimodal-checkpoint-1200",)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    runtime: Runtime = "ort-cpu"
+    max_batch: int = 8
+    queue_size: int = 64
+    api_keys: tuple[str, ...] = ()
+    voices_dir: Path | None = None
+    voice_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+    sampling: SamplingParams = SamplingParams()
+    limits: Limits = Limits()
+    shutdown_timeout_s: float = 30.0  # drain budget for in-flight generations on shutdown
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name, *self.aliases)

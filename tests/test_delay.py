@@ -1,0 +1,155 @@
+"""engines/delay.py: spec llm.md §5.5, §7.1, §7.2 and the upstream greedy segments of the goldens."""
+
+import numpy as np
+import pytest
+
+from engines.delay import (
+    AUDIO_BOS,
+    AUDIO_EOS,
+    AudioSegmentState,
+    FrameAssembler,
+    delay_pattern,
+    delayed_to_codes,
+    revert_delay,
+)
+from goldens import load as _golden
+
+RUNS = [(d, c) for d in ("llm_tiny", "llm_tiny_eos3") for c in ("zero_shot", "voice_clone")]
+N = 8
+
+
+@pytest.mark.parametrize("frames", [0, 1, 5, 40])
+def test_delay_round_trip(frames):
+    """Spec §7.1."""
+    x = np.random.default_rng(frames).integers(0, 1024, (N, frames))
+    d = delay_pattern(x)
+    assert d.shape == (N, frames + N + 1)
+    assert np.all(d[:, 0] == AUDIO_BOS) and np.all(d[:, -1] == AUDIO_EOS)
+    for k in range(N):
+        assert np.all(d[k, : k + 1] == AUDIO_BOS) and d[k, k + 1 : k + 1 + frames].tolist() == x[k].tolist()
+        assert np.all(d[k, k + 1 + frames :] == AUDIO_EOS) and d.shape[1] - (k + 1 + frames) == N - k
+    np.testing.assert_array_equal(delayed_to_codes(d), x)
+    assert revert_delay(d).shape == (N, frames + 2)
+
+
+@pytest.mark.parametrize("name", ["llm_tiny", "llm_tiny_eos3"])
+def test_golden_reference_segment_layout(name):
+    z = _golden(name)
+    np.testing.assert_array_equal(delay_pattern(z["voice_clone/ref_codes"]), z["voice_clone/prompt_audio_out_ids"])
+
+
+@pytest.mark.parametrize("name,case", RUNS)
+def test_golden_segment_to_codes(name, case):
+    z = _golden(name)
+    np.testing.assert_array_equal(delayed_to_codes(z[f"{case}/segment0_delayed"]), z[f"{case}/segment0_codes"])
+
+
+@pytest.mark.parametrize("name,case", RUNS)
+def test_state_reproduces_upstream_greedy_segment(name, case):
+    """Greedy draws from the teacher-forced audio logits, passed through the ramp rules, give
+    upstream's generated segment column by column, and the segment ends exactly at its last column
+    (llm_tiny_eos3: the EOS comes first from codebook 3)."""
+    z = _golden(name)
+    segment = z[f"{case}/segment0_delayed"]
+    logits = z[f"{case}/teacher_forced_audio_logits"]
+    offset = logits.shape[0] - segment.shape[1]  # voice_clone: the reference columns come first
+    state = AudioSegmentState(N)
+    columns, ended = [state.first_column()], []
+    for i in range(segment.shape[1] - 1):  # logits at column i predict column i + 1
+        col, end = state.step(np.argmax(logits[offset + i], axis=1))
+        columns.append(col)
+        ended.append(end)
+    np.testing.assert_array_equal(np.stack(columns, axis=1), segment)
+    assert ended == [False] * (len(ended) - 1) + [True]
+
+
+def _run_stub(eos_step, eos_rows, extra_steps=12, seed=0):
+    """Drive the rules with random non-EOS draws; rows `eos_rows` draw EOS at step `eos_step`."""
+    rng = np.random.default_rng(seed)
+    state = AudioSegmentState(N)
+    draws, columns, ended = [], [state.first_column()], []
+    for step in range(1, eos_step + extra_steps):
+        drawn = rng.integers(0, 1024, N)
+        if step == eos_step:
+            drawn[list(eos_rows)] = AUDIO_EOS
+        draws.append(drawn)
+        col, end = state.step(drawn)
+        columns.append(col)
+        ended.append(end)
+        if end:
+            break
+    return np.stack(draws, axis=1), np.stack(columns, axis=1), ended
+
+
+def test_ramp_schedule_eos_from_codebook_0():
+    """Spec §7.2 with S = 12."""
+    s = 12
+    draws, seg, ended = _run_stub(s, eos_rows=[0])
+    assert seg.shape[1] == s + 8 and ended.index(True) == s + 6  # <|audio_eos|> with column S+7
+    for c in range(1, 8):
+        assert np.all(seg[c:, c] == AUDIO_BOS)
+        np.testing.assert_array_equal(seg[:c, c], draws[:c, c - 1])
+    for m in range(1, 8):
+        assert np.all(seg[:m, s + m] == AUDIO_EOS)
+        np.testing.assert_array_equal(seg[m:, s + m], draws[m:, s + m - 1])
+    codes = delayed_to_codes(seg)
+    assert codes.shape == (N, s - 1)
+    for k in range(N):  # frame f of codebook k was drawn at column f + 1 + k
+        np.testing.assert_array_equal(codes[k], draws[k, k : k + s - 1])
+
+
+@pytest.mark.parametrize("first", [3, 7])
+def test_ramp_out_from_first_eos_row(first):
+    """The lowest row drawing EOS starts the ramp-out: rows below it are forced at once and
+    8 - e - 1 more columns follow (a later EOS row in the same column does not matter)."""
+    s = 10
+    eos_rows = [first] + ([first + 1] if first + 1 < N else [])
+    draws, seg, ended = _run_stub(s, eos_rows=eos_rows)
+    more = N - first - 1
+    assert seg.shape[1] == s + 1 + more and ended[-1] and not any(ended[:-1])
+    assert np.all(seg[: first + 1, s] == AUDIO_EOS)
+    np.testing.assert_array_equal(seg[first + 1 :, s], draws[first + 1 :, s - 1])  # incl. the later EOS row
+    for m in range(1, more + 1):
+        assert np.all(seg[: first + m, s + m] == AUDIO_EOS)
+        np.testing.assert_array_equal(seg[first + m :, s + m], draws[first + m :, s + m - 1])
+
+
+def test_state_resets_after_the_segment_ends():
+    state = AudioSegmentState(N)
+    for _ in range(8):
+        state.step(np.zeros(N, np.int64))
+    _, end = state.step(np.r_[0, 0, 0, 0, 0, 0, 0, AUDIO_EOS])  # e = 7: ends at once
+    col, again = state.step(np.full(N, 5))  # a new segment ramps in again
+    assert end and not again
+    np.testing.assert_array_equal(col, [5] + [AUDIO_BOS] * 7)
+
+
+@pytest.mark.parametrize("name,case", RUNS)
+def test_frame_assembler_equals_revert_for_every_prefix(name, case):
+    """Streaming release == delayed_to_codes of the columns so far, for the whole segment and
+    for every cut (max tokens reached mid-segment)."""
+    segment = _golden(name)[f"{case}/segment0_delayed"]
+    assembler = FrameAssembler(N)
+    frames = []
+    for w in range(1, segment.shape[1] + 1):
+        out = assembler.push(segment[:, w - 1])
+        assert out.shape[0] == N and out.shape[1] in (0, 1)
+        frames.append(out)
+        np.testing.assert_array_equal(np.concatenate(frames, axis=1), delayed_to_codes(segment[:, :w]))
+    np.testing.assert_array_equal(np.concatenate(frames, axis=1), _golden(name)[f"{case}/segment0_codes"])
+
+
+def test_frame_assembler_long_random_segment():
+    x = np.random.default_rng(1).integers(0, 1024, (N, 300))
+    d = delay_pattern(x)
+    assembler = FrameAssembler(N)
+    np.testing.assert_array_equal(np.concatenate([assembler.push(c) for c in d.T], axis=1), x)
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError):
+        AudioSegmentState(N).step(np.zeros(7, np.int64))
+    with pytest.raises(ValueError):
+        FrameAssembler(N).push(np.zeros(9, np.int64))
+    with pytest.raises(ValueError):
+        delay_pattern(np.zeros(8))
