@@ -64,7 +64,7 @@ class _Sequence:
     rng: np.random.Generator
     history: deque  # recent audio-out columns (the RAS window source), newest last
     stop: StopMatcher
-    streamer: StreamingDecoder
+    streamer: StreamingDecoder | None  # None: no codec (LLM-only artifacts), segments only
     text_logits: np.ndarray | None = None
     audio_logits: np.ndarray | None = None
     steps: int = 0
@@ -84,7 +84,7 @@ class Engine:
     def __init__(
         self,
         runtime: BackboneRuntime,
-        codec: CodecDecoder,
+        codec: CodecDecoder | None,
         renderer: PromptRenderer | None = None,
         encoder: CodecEncoder | None = None,
         model_name: str = "higgs-audio-v2",
@@ -138,6 +138,8 @@ class Engine:
             providers = None
         else:
             raise ValueError(f"unknown runtime {runtime!r}: ort-cpu, ort-cuda or tensorrt")
+        if not manifest.has("codec_decoder"):
+            raise ValueError(f"{artifacts_dir} has no codec_decoder graph: re-run make export with CODEC=DIR")
         codec = CodecDecoder(manifest.graph_path("codec_decoder"), providers)
         encoder = CodecEncoder(manifest.graph_path("codec_encoder"), providers) if manifest.has("codec_encoder") else None
         renderer = PromptRenderer(manifest.tokenizer, manifest.model.num_codebooks) if manifest.tokenizer else None
@@ -203,7 +205,8 @@ class Engine:
         self.runtime.prefill(slot, np.array([spec.bos_token_id] * 2), np.zeros((2, spec.num_codebooks)), np.zeros(2, bool))
         self.runtime.text_step(np.array([slot]), np.array([spec.bos_token_id]), np.array([2]))
         self.runtime.audio_step(np.array([slot]), np.full((1, spec.num_codebooks), spec.stream_bos_id), np.array([3]))
-        self.codec.decode(np.zeros((self.codec.num_quantizers, 2 * self.codec.context_frames + 1), np.int64))
+        if self.codec is not None:
+            self.codec.decode(np.zeros((self.codec.num_quantizers, 2 * self.codec.context_frames + 1), np.int64))
         self._ready.set()
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ class Engine:
             history=history,
             max_tokens=max_tokens,
             stop=StopMatcher(self.renderer.tokenizer if self.renderer else None, stop_strings, self._special_ids()),
-            streamer=StreamingDecoder(self.codec, min_frames=self.stream_frames),
+            streamer=StreamingDecoder(self.codec, min_frames=self.stream_frames) if self.codec else None,
             text_logits=logits.text,
             audio_logits=logits.audio,
         )
@@ -411,7 +414,7 @@ class Engine:
 
     # -- audio out ------------------------------------------------------------------------------------
     def _stream(self, seq: _Sequence, frames: np.ndarray) -> None:
-        if frames.shape[1]:
+        if frames.shape[1] and seq.streamer is not None:
             self._push_pcm(seq, seq.streamer.push(frames))
 
     def _push_pcm(self, seq: _Sequence, pcm: np.ndarray) -> None:
@@ -420,10 +423,12 @@ class Engine:
             seq.handle.push(AudioChunk(pcm))
 
     def _close_segment(self, seq: _Sequence) -> None:
-        if seq.assembler is not None:  # the assembler has released every frame already
+        if seq.assembler is None:
+            return
+        if seq.streamer is not None:  # the assembler has released every frame already
             self._push_pcm(seq, seq.streamer.flush())
-            seq.assembler = None
-            seq.segment_state = None
+        seq.assembler = None
+        seq.segment_state = None
 
     def _finish(self, seq: _Sequence, reason: str, stop_reason, error: str | None = None) -> None:
         self._close_segment(seq)

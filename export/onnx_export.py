@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -113,18 +114,20 @@ def export_backbone_graph(model: HiggsAudioBackbone, mode: Mode, path: Path) -> 
     dynamic = tuple(example[n][1] for n in plain) + ([{0: batch_dim, 2: len_dim}] * len(past),)
     model.functional_cache = True
     try:
-        program = torch.onnx.export(
-            _Graph(model, mode),
-            args,
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes={"args": dynamic},
-            custom_translation_table=_translations(cfg.head_dim),
-            optimize=True,
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")  # shared on purpose
+            program = torch.onnx.export(
+                _Graph(model, mode).eval(),
+                args,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes={"args": dynamic},
+                custom_translation_table=_translations(cfg.head_dim),
+                optimize=True,
+                verbose=False,
+            )
     finally:
         model.functional_cache = False
     program.save(str(path), external_data=True)

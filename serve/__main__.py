@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--runtime", choices=("ort-cpu", "ort-cuda", "tensorrt"), default=defaults.runtime)
     p.add_argument("--max-batch", type=int, default=defaults.max_batch, help="concurrent decode slots")
+    p.add_argument("--max-len", type=int, default=defaults.max_len,
+                   help="KV cache positions per slot (prompt + generated steps)")
     p.add_argument("--queue-size", type=int, default=defaults.queue_size,
                    help="requests waiting for a slot before new ones get 429")
     p.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable)")
@@ -69,6 +71,7 @@ def settings_from_args(args: argparse.Namespace, environ=os.environ) -> ServeSet
         port=args.port,
         runtime=args.runtime,
         max_batch=args.max_batch,
+        max_len=args.max_len,
         queue_size=args.queue_size,
         api_keys=tuple(args.api_key + env_keys),
         voices_dir=args.voices,
@@ -80,6 +83,14 @@ def settings_from_args(args: argparse.Namespace, environ=os.environ) -> ServeSet
     )
 
 
+def build_engine(settings: ServeSettings):
+    """The decode loop for these settings, loaded but not started."""
+    from engines.generate import Engine  # imported here: parsing flags does not need the runtimes
+
+    return Engine.from_artifacts(settings.artifacts, runtime=settings.runtime, max_batch=settings.max_batch,
+                                 max_len=settings.max_len, max_queue=settings.queue_size)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -87,11 +98,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from engines.generate import Engine  # imported here: the app and its tests do not need the decode loop
     from serve.app import create_app
 
-    engine = Engine.from_artifacts(settings.artifacts, runtime=settings.runtime, max_batch=settings.max_batch,
-                                   max_queue=settings.queue_size)
+    engine = build_engine(settings)
     engine.start()  # warm-up before listening: the first request pays no graph setup
     uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=int(settings.shutdown_timeout_s))

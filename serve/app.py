@@ -74,11 +74,21 @@ def create_app(engine: SpeechEngine, settings: ServeSettings) -> FastAPI:
     install_error_handlers(app, on_error=lambda error: metrics.errors.labels(error.code).inc())
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
 
-    def submit(request: SpeechRequest, endpoint: str) -> Job:
+    def submit(request: SpeechRequest, endpoint: str, default_max: bool) -> Job:
+        """Queue on the engine. `default_max`: the client named no max_completion_tokens, so
+        request.max_tokens is the server default, which yields to a KV cache too small for it."""
         if not engine.ready():
             raise APIError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        loop = asyncio.get_running_loop()
         try:
-            generation = engine.submit(request, asyncio.get_running_loop())
+            try:
+                generation = engine.submit(request, loop)
+            except ValueError:
+                if not default_max:
+                    raise
+                # the default does not fit beside this prompt: generate what fits (max_tokens None)
+                request.max_tokens = None
+                generation = engine.submit(request, loop)
         except ValueError as exc:  # the engine refuses the prompt (e.g. longer than its KV cache)
             raise APIError(400, f"the engine cannot take this request: {exc}", code="invalid_prompt") from exc
         except QueueFull as exc:
@@ -86,7 +96,7 @@ def create_app(engine: SpeechEngine, settings: ServeSettings) -> FastAPI:
             raise APIError(429, f"the server is at capacity ({engine.queue_depth()} requests queued); retry "
                            f"after {retry} s", code="queue_full", headers={"Retry-After": str(retry)}) from exc
         sampling = request.sampling
-        log.info("req %s: %s submitted: %d messages, max_tokens %d, temperature %g, top_p %g, top_k %s, seed %s",
+        log.info("req %s: %s submitted: %d messages, max_tokens %s, temperature %g, top_p %g, top_k %s, seed %s",
                  request.request_id, endpoint, len(request.messages), request.max_tokens, sampling.temperature,
                  sampling.top_p, sampling.top_k, sampling.seed)
         return Job(generation, endpoint, metrics, engine.sample_rate)
@@ -97,7 +107,8 @@ def create_app(engine: SpeechEngine, settings: ServeSettings) -> FastAPI:
         (streams are always PCM16 24 kHz mono, whatever `audio.format` says)."""
         request_id = request.state.request_id
         _log_ignored(body, request_id)
-        job = submit(await builder.from_chat(body, request_id), "chat")
+        job = submit(await builder.from_chat(body, request_id), "chat",
+                     default_max=body.max_completion_tokens is None and body.max_tokens is None)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return JobStream(job, _chat_chunks(job, body.model, include_usage), media_type="text/event-stream")
@@ -127,7 +138,8 @@ def create_app(engine: SpeechEngine, settings: ServeSettings) -> FastAPI:
         _log_ignored(body, request_id)
         speech_request = await builder.from_speech(body, request_id)
         encoder = StreamingEncoder(body.response_format, engine.sample_rate, body.speed)
-        job = submit(speech_request, "speech")  # last: nothing may fail between submit and streaming
+        # last: nothing may fail between submit and streaming
+        job = submit(speech_request, "speech", default_max=body.max_completion_tokens is None)
         if body.stream_format == "sse":
             return JobStream(job, _speech_events(job, encoder), media_type="text/event-stream")
         return JobStream(job, _encoded_audio(job, encoder), media_type=MEDIA_TYPES[body.response_format])

@@ -18,7 +18,7 @@ from engines.api import AudioCodes, Content, Message, SamplingParams, SpeechRequ
 from serve.errors import APIError
 from serve.protocol import AudioSpeechRequest, ChatCompletionRequest, ChatMessage, SamplingFields, TextPart
 from serve.settings import ServeSettings
-from serve.voices import Voice, VoiceLibrary, decode_base64, load_reference
+from serve.voices import DEFAULT_VOICE, Voice, VoiceLibrary, decode_base64, load_reference
 
 SCENE_START = "<|scene_desc_start|>"
 
@@ -68,8 +68,9 @@ class RequestBuilder:
 
     async def from_speech(self, req: AudioSpeechRequest, request_id: str) -> SpeechRequest:
         self.check_model(req.model)
-        if req.voice and req.reference_audio:
-            raise APIError(400, "give either voice or reference_audio, not both", param="reference_audio")
+        if req.voice and req.voice != DEFAULT_VOICE and req.reference_audio:  # SDKs always send a voice
+            raise APIError(400, f"give either a voice preset or reference_audio, not both (voice "
+                           f"{DEFAULT_VOICE!r} goes with reference_audio)", param="reference_audio")
         messages = [Message("system", (scene_system_prompt(req.instructions),))] if req.instructions else []
         voice = self._voices.resolve(req.voice, "voice") if req.voice else None
         if req.reference_audio is not None:

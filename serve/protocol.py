@@ -225,8 +225,8 @@ class AudioSpeechRequest(SamplingFields):
     """OpenAI TTS request plus Higgs extensions: sampling fields (see SamplingFields),
     `max_completion_tokens`, and a one-off reference voice: `reference_audio` (base64 clip in
     any decodable format) with its `reference_transcript`, the same pair a stored voice holds
-    (POST /v1/audio/voices fields `audio` + `transcript`). `voice` and a reference exclude each
-    other."""
+    (POST /v1/audio/voices fields `audio` + `transcript`). A reference goes with no voice or
+    `voice: "default"` (the SDK requires one); a preset voice and a reference exclude each other."""
 
     model: str
     input: str = Field(min_length=1)

@@ -46,6 +46,7 @@ class ServeSettings:
     port: int = 8000
     runtime: Runtime = "ort-cpu"
     max_batch: int = 8
+    max_len: int = 2048  # KV cache positions per slot: prompt + generated steps
     queue_size: int = 64
     api_keys: tuple[str, ...] = ()
     voices_dir: Path | None = None

@@ -1,51 +1,125 @@
-"""Harness of the server tests: the engine under test, a live uvicorn server, voice presets.
+"""Harness of the server tests: the real engine on the tiny default model, a live uvicorn server,
+a recorder on the engine, voice presets.
 
-HIGGS_SERVE_TEST_ENGINE=fake (default) runs them against tests/fake_engine.py; =real builds
-engines.generate.Engine from HIGGS_SERVE_TEST_ARTIFACTS (default build/tiny-onnx, `make export`).
-`fake_only` tests inspect or steer the fake engine (queue pausing, records); `real_only` tests
-need the real decode loop. Everything else is engine-agnostic.
+Every server test runs `engines.generate.Engine` (ONNX Runtime, CPU) built from the
+`tiny_artifacts` session fixture (tests/conftest.py): real prompts, real sampling, real codec
+decode and encode. The tiny model is random, so its audio is noise of a seed-dependent length;
+tests that need a long or short generation pick their seed (and max_completion_tokens) for it.
+`Recorder` watches the engine from outside (what the server submitted, how each generation
+finished, encoder and shutdown calls) and can inject one runtime fault; nothing is faked.
 """
 
 from __future__ import annotations
 
 import io
-import os
+import json
 import socket
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile
 import uvicorn
 
-from fake_engine import FakeEngine
+from engines.api import Finished, SpeechRequest
+from engines.generate import Engine
 from serve.app import create_app
 from serve.settings import Limits, ServeSettings
-
-ENGINE = os.environ.get("HIGGS_SERVE_TEST_ENGINE", "fake")
-ARTIFACTS = Path(os.environ.get("HIGGS_SERVE_TEST_ARTIFACTS", "build/tiny-onnx"))
-fake_only = pytest.mark.skipif(ENGINE != "fake", reason="inspects or steers the fake engine")
-real_only = pytest.mark.skipif(ENGINE != "real", reason="needs the real engine: HIGGS_SERVE_TEST_ENGINE=real")
 
 MODEL = "higgs-audio-v2"
 SEED_ALIAS = "boson-audio-multimodal-checkpoint-1200"
 
 
-def make_engine(max_batch: int = 4, max_queue: int = 8, **fake_options):
-    if ENGINE == "real":
-        from engines.generate import Engine
+class Recorder:
+    """Wraps one real engine's `submit`, `encode_reference` and `shutdown` (on the instance) to
+    record what the server asked and how each generation ended."""
 
-        return Engine.from_artifacts(ARTIFACTS, runtime="ort-cpu", max_batch=max_batch, max_queue=max_queue).start()
-    return FakeEngine(max_batch=max_batch, max_queue=max_queue, **fake_options)
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.submitted: list[SpeechRequest] = []
+        self.finished: dict[str, Finished] = {}  # request id -> the engine's last event
+        self.encode_calls = 0
+        self.shutdown_calls: list[bool] = []
+        self._lock = threading.Lock()
+        submit, encode, shutdown = engine.submit, engine.encode_reference, engine.shutdown
+
+        def recording_submit(request, loop=None):
+            generation = submit(request, loop)  # raises QueueFull / ValueError: nothing recorded
+            push = generation.push
+
+            def recording_push(event):
+                if isinstance(event, Finished):
+                    with self._lock:
+                        self.finished[request.request_id] = event
+                push(event)
+
+            generation.push = recording_push  # the engine's first event is several decode steps away
+            with self._lock:
+                self.submitted.append(request)
+            return generation
+
+        def counting_encode(wave):
+            with self._lock:
+                self.encode_calls += 1
+            return encode(wave)
+
+        def recording_shutdown(drain=True, timeout=None):
+            self.shutdown_calls.append(drain)
+            return shutdown(drain=drain, timeout=timeout)
+
+        engine.submit, engine.encode_reference, engine.shutdown = recording_submit, counting_encode, recording_shutdown
+
+    def finished_with_prefix(self, prefix: str) -> Finished | None:
+        """How the request whose id starts with `prefix` (the client's X-Request-Id) ended, if it has."""
+        with self._lock:
+            found = [f for request_id, f in self.finished.items() if request_id.startswith(prefix)]
+        assert len(found) <= 1, f"several requests with id prefix {prefix!r}"
+        return found[0] if found else None
+
+    def fail_next_audio_step(self, message: str = "injected runtime fault") -> None:
+        """The runtime's next audio decode step raises (once): a real mid-generation engine failure."""
+        runtime = self.engine.runtime
+        original = runtime.audio_step
+
+        def failing(*args, **kwargs):
+            runtime.audio_step = original
+            raise RuntimeError(message)
+
+        runtime.audio_step = failing
 
 
-def tone_wav(seconds: float = 1.0, rate: int = 16000, freq: float = 220.0) -> bytes:
-    """A mono PCM16 WAV clip (deliberately not 24 kHz: the server must resample)."""
+def make_engine(artifacts: Path, *, start: bool = True, max_batch: int = 4, max_queue: int = 8, max_len: int = 2048,
+                stream_frames: int = 8) -> Engine:
+    """A real engine on the tiny model with a `Recorder` at `engine.recorder`; started (warmed up,
+    worker running) unless start=False."""
+    engine = Engine.from_artifacts(artifacts, runtime="ort-cpu", max_batch=max_batch, max_len=max_len,
+                                   max_queue=max_queue, stream_frames=stream_frames)
+    engine.recorder = Recorder(engine)
+    return engine.start() if start else engine
+
+
+def artifacts_without_encoder(artifacts: Path, out: Path) -> Path:
+    """A copy of `artifacts` (symlinks) whose manifest has no codec_encoder graph: what `make
+    export` writes without CODEC."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in artifacts.iterdir():
+        if path.name not in ("manifest.json", "codec_encoder.onnx"):
+            (out / path.name).symlink_to(path.resolve())
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    del manifest["graphs"]["codec_encoder"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def tone_wav(seconds: float = 1.0, rate: int = 16000, freq: float = 220.0, channels: int = 1) -> bytes:
+    """A PCM16 WAV clip (deliberately not 24 kHz: the server must resample)."""
     t = np.arange(int(seconds * rate)) / rate
+    wave = 0.4 * np.sin(2 * np.pi * freq * t)
+    if channels > 1:
+        wave = np.stack([wave * (1 - 0.3 * c) for c in range(channels)], axis=1)
     buffer = io.BytesIO()
-    soundfile.write(buffer, 0.4 * np.sin(2 * np.pi * freq * t), rate, format="WAV", subtype="PCM_16")
+    soundfile.write(buffer, wave, rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
 
 
@@ -64,34 +138,46 @@ def write_voices(root: Path) -> Path:
 def settings_for(voices_dir: Path | None = None, **overrides) -> ServeSettings:
     limits = overrides.pop("limits", Limits())
     return ServeSettings(model_name=MODEL, voices_dir=voices_dir, voice_aliases={"alloy": "belinda", "echo": "en_man"}
-                         if voices_dir else {}, limits=limits, **overrides)
+                         if voices_dir else {}, limits=limits, shutdown_timeout_s=10.0, **overrides)
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
+    """Poll `condition` until it returns something truthy (returned) or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        time.sleep(0.01)
 
 
 class LiveServer:
-    """uvicorn on a free localhost port in a background thread: real HTTP, real lifespan."""
+    """uvicorn on a free localhost port in a background thread: real HTTP, real lifespan (which
+    shuts the engine down when the server stops)."""
 
     def __init__(self, engine, settings: ServeSettings):
         self.engine = engine
+        self.recorder: Recorder | None = getattr(engine, "recorder", None)
         self.settings = settings
         self.app = create_app(engine, settings)
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=10))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
         self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
+        wait_for(lambda: self.server.started or not self._thread.is_alive(), 30, "server start")
+        if not self.server.started:
+            raise RuntimeError("server did not start")
         return self
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self._thread.join(15)
+        self._thread.join(30)
         self._sock.close()
 
     def __exit__(self, *exc) -> None:

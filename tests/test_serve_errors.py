@@ -1,8 +1,9 @@
 """Client mistakes are 4xx with OpenAI error bodies, never 5xx; saturation is 429; clients that
-leave get their generation cancelled.
+leave get their generation cancelled; engine failures are 500s; shutdown drains.
 
-Real HTTP against uvicorn in a thread; the engine is the fake unless HIGGS_SERVE_TEST_ENGINE=real
-(see serve_support.py). Queue, disconnect and engine-failure tests steer the fake engine.
+Real HTTP against uvicorn in a thread, in front of the real engine on the tiny default model
+(see serve_support.py). Saturation uses a real engine whose worker has not started; engine
+failures are a real runtime error injected into the real engine's next decode step.
 """
 
 from __future__ import annotations
@@ -11,19 +12,22 @@ import asyncio
 import base64
 import concurrent.futures
 import json
-import time
+import logging
+import socket
 
 import httpx
 import pytest
 
 from serve.settings import Limits
-from serve_support import MODEL, LiveServer, fake_only, make_engine, settings_for, tone_wav, write_voices
+from serve_support import MODEL, LiveServer, make_engine, settings_for, tone_wav, wait_for, write_voices
 
 LIMITS = Limits(max_input_chars=200, max_body_bytes=256 * 1024, max_completion_tokens=1000, max_messages=8,
                 max_reference_seconds=5.0)
 USER = [{"role": "user", "content": "Hello there."}]
 CHAT = {"model": MODEL, "messages": USER}
 SPEECH = {"model": MODEL, "input": "Hello there.", "voice": "alloy"}
+SHORT = {"seed": 1, "max_completion_tokens": 30}  # a quick generation
+LONG = {"seed": 4, "max_completion_tokens": 1500}  # seed 4 speaks for far longer than any test waits
 
 
 def _chat(**changes):
@@ -58,6 +62,8 @@ CASES = [
     ("max-tokens-string", "/v1/chat/completions", {"json": _chat(max_completion_tokens="10")}, 400, None),
     ("max-tokens-zero", "/v1/chat/completions", {"json": _chat(max_completion_tokens=0)}, 400, None),
     ("max-tokens-huge", "/v1/chat/completions", {"json": _chat(max_completion_tokens=10**9)}, 400, None),
+    ("max-tokens-beyond-kv-cache", "/v1/chat/completions", {"json": _chat(max_completion_tokens=1000)}, 400,
+     "invalid_prompt"),
     ("legacy-max-tokens-huge", "/v1/chat/completions", {"json": _chat(max_tokens=5000)}, 400, None),
     ("n-2", "/v1/chat/completions", {"json": _chat(n=2)}, 400, None),
     ("stop-too-many", "/v1/chat/completions", {"json": _chat(stop=[f"s{i}" for i in range(20)])}, 400, None),
@@ -100,10 +106,19 @@ CASES = [
     ("speech-voice-and-reference", "/v1/audio/speech",
      {"json": {**SPEECH, "reference_audio": base64.b64encode(tone_wav()).decode(), "reference_transcript": "x"}},
      400, None),
+    ("speech-bad-base64-reference", "/v1/audio/speech",
+     {"json": {"model": MODEL, "input": "Hi.", "reference_audio": "%%%", "reference_transcript": "x"}}, 400,
+     "invalid_audio"),
+    ("speech-reference-too-long", "/v1/audio/speech",
+     {"json": {"model": MODEL, "input": "Hi.", "reference_audio": base64.b64encode(tone_wav(6.0, rate=8000)).decode(),
+               "reference_transcript": "x"}}, 400, "invalid_audio"),
     ("speech-reference-without-transcript", "/v1/audio/speech",
      {"json": {"model": MODEL, "input": "Hi.", "reference_audio": base64.b64encode(tone_wav()).decode()}}, 400, None),
     ("voices-not-multipart", "/v1/audio/voices", {"json": {"name": "x"}}, 415, None),
     ("voices-missing-file", "/v1/audio/voices", {"data": {"name": "x", "transcript": "y"}, "files": {}}, 400, None),
+    ("voices-undecodable-audio", "/v1/audio/voices",
+     {"data": {"name": "x", "transcript": "y"}, "files": {"audio": ("a.mp3", b"ID3" + b"\x00" * 500, "audio/mpeg")}},
+     400, "invalid_audio"),
     ("voices-bad-name", "/v1/audio/voices",
      {"data": {"name": "../evil", "transcript": "y"}, "files": {"audio": ("a.wav", tone_wav(), "audio/wav")}},
      400, None),
@@ -113,8 +128,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    engine = make_engine()
+def live(tmp_path_factory, tiny_artifacts):
+    engine = make_engine(tiny_artifacts, max_len=512)  # 511 positions: max_completion_tokens 1000 cannot fit
     with LiveServer(engine, settings_for(write_voices(tmp_path_factory.mktemp("voices")), limits=LIMITS)) as server:
         yield server
 
@@ -139,134 +154,186 @@ def test_malformed_request_is_a_4xx_with_openai_body(live, case):
 
 
 def test_server_healthy_after_bad_requests(live):
-    for _, path, kwargs, *_ in CASES[:10]:
-        httpx.post(live.url + path, **{k: v for k, v in kwargs.items() if k != "method"})
+    submitted = len(live.recorder.submitted)
+    for _, path, kwargs, *_ in CASES:
+        httpx.request(kwargs.get("method", "POST"), live.url + path, timeout=30,
+                      **{k: v for k, v in kwargs.items() if k not in ("method", "files")})
+    assert len(live.recorder.submitted) == submitted  # nothing malformed reached the engine
     assert httpx.get(f"{live.url}/health").status_code == 200
-    assert httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, timeout=30).status_code == 200
+    assert httpx.post(f"{live.url}/v1/chat/completions", json=_chat(**SHORT), timeout=60).status_code == 200
     metrics = httpx.get(f"{live.url}/metrics").text
     assert not [line for line in metrics.splitlines() if line.startswith("higgs_requests_total")
                 and 'status="5' in line]
 
 
-def test_api_keys_guard_v1_but_not_health():
-    with LiveServer(make_engine(), settings_for(None, api_keys=("k1", "k2"))) as server:
+def test_default_max_tokens_yields_to_a_small_kv_cache(live):
+    """No max_completion_tokens: the server default (1024 steps) does not fit beside the prompt in
+    this engine's 511-position cache, so the engine generates what fits instead of a 400."""
+    response = httpx.post(f"{live.url}/v1/chat/completions", json=_chat(seed=3), timeout=60)
+    assert response.status_code == 200, response.text
+    request = live.recorder.submitted[-1]
+    assert request.max_tokens is None
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= live.engine.runtime.capacity
+
+
+def test_api_keys_guard_v1_but_not_health(tiny_artifacts):
+    with LiveServer(make_engine(tiny_artifacts, max_batch=1), settings_for(None, api_keys=("k1", "k2"))) as server:
         url = f"{server.url}/v1/chat/completions"
         _assert_openai_error(httpx.post(url, json=CHAT), 401, "missing_api_key")
         _assert_openai_error(httpx.post(url, json=CHAT, headers={"Authorization": "Bearer nope"}), 401,
                              "invalid_api_key")
         _assert_openai_error(httpx.get(f"{server.url}/v1/models"), 401, "missing_api_key")
         _assert_openai_error(httpx.post(url, content=b"{bad", headers={"Authorization": "Basic k1"}), 401, None)
-        assert httpx.post(url, json=CHAT, headers={"Authorization": "Bearer k2"}, timeout=30).status_code == 200
+        assert server.recorder.submitted == []
+        ok = httpx.post(url, json=_chat(**SHORT), headers={"Authorization": "Bearer k2"}, timeout=60)
+        assert ok.status_code == 200
         assert httpx.get(f"{server.url}/health").status_code == 200
         assert httpx.get(f"{server.url}/metrics").status_code == 200
 
 
-def test_health_is_503_until_engine_ready():
-    engine = make_engine()
-    if not hasattr(engine, "ready_flag"):
-        pytest.skip("needs the fake engine's readiness switch")
-    engine.ready_flag = False
+def test_health_is_503_until_engine_ready(tiny_artifacts):
+    engine = make_engine(tiny_artifacts, max_batch=1, start=False)  # loaded, not warmed up, no worker
     with LiveServer(engine, settings_for(None)) as server:
         assert httpx.get(f"{server.url}/health").status_code == 503
-        _assert_openai_error(httpx.post(f"{server.url}/v1/chat/completions", json=CHAT), 503, None)
-        engine.ready_flag = True
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=_chat(**SHORT))
+        _assert_openai_error(response, 503, None)
+        assert response.headers["retry-after"] == "5"
+        engine.start()
         assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=_chat(**SHORT), timeout=60).status_code == 200
 
 
-@fake_only
-def test_full_queue_is_429_with_retry_after():
-    engine = make_engine(max_batch=1, max_queue=2)
+def test_full_queue_is_429_with_retry_after(tiny_artifacts):
+    """A warmed-up engine whose worker has not started: requests wait in its bounded queue."""
+    engine = make_engine(tiny_artifacts, max_batch=1, max_queue=2, start=False)
+    engine.warmup()
     with LiveServer(engine, settings_for(None)) as server, concurrent.futures.ThreadPoolExecutor(2) as pool:
-        engine.pause()
-        waiting = [pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=CHAT, timeout=30)
-                   for _ in range(2)]
-        _wait_for(lambda: engine.queue_depth() == 2)
-        response = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT)
+        waiting = [pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=_chat(**{**SHORT, "seed": i}),
+                               timeout=60) for i in range(2)]
+        wait_for(lambda: engine.queue_depth() == 2, what="two queued requests")
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=_chat(**SHORT))
         _assert_openai_error(response, 429, "queue_full")
         assert int(response.headers["retry-after"]) >= 1
         assert server.metric("higgs_queue_depth") == 2
-        engine.resume()
+        assert server.metric("higgs_errors_total", code="queue_full") == 1
+        engine.start()  # the worker drains the queue
         assert [f.result().status_code for f in waiting] == [200, 200]
+        assert server.metric("higgs_queue_depth") == 0
 
 
-def test_concurrent_requests_are_200_or_429():
-    engine = make_engine(max_batch=4, max_queue=6)
+def test_concurrent_requests_are_200_or_429(tiny_artifacts):
+    """20 simultaneous requests (speech mp3, streamed and blocking chat) on 4 decode slots and a
+    16-request queue: at most 4 can be turned away, never a 5xx, and every 200 is complete."""
+    engine = make_engine(tiny_artifacts, max_batch=4, max_queue=16)
+    limit = {"max_completion_tokens": 20}
 
     async def one(client: httpx.AsyncClient, i: int) -> int:
         if i % 3 == 0:
-            response = await client.post("/v1/audio/speech", json={**SPEECH, "voice": "default",
-                                                                    "response_format": "mp3"})
+            response = await client.post("/v1/audio/speech", json={**SPEECH, "voice": "default", "seed": i,
+                                                                    "response_format": "mp3", **limit})
         else:
-            response = await client.post("/v1/chat/completions", json=_chat(stream=i % 3 == 1, seed=i))
-        await response.aread()
+            response = await client.post("/v1/chat/completions", json=_chat(stream=i % 3 == 1, seed=i, **limit))
+        body = await response.aread()
+        if response.status_code == 200 and i % 3 == 1:
+            assert body.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"' in body
+        elif response.status_code == 200 and i % 3 == 2:
+            assert json.loads(body)["choices"][0]["message"]["audio"]["data"]
         return response.status_code
 
     async def burst(url: str) -> list[int]:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(24)))
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(20)))
 
     with LiveServer(engine, settings_for(None)) as server:
         statuses = asyncio.run(burst(server.url))
-        assert set(statuses) <= {200, 429} and statuses.count(200) >= 4, statuses
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 16, statuses
+        assert len(server.recorder.finished) == statuses.count(200)
+        assert {f.finish_reason for f in server.recorder.finished.values()} <= {"stop", "length"}
         assert httpx.get(f"{server.url}/health").status_code == 200
-
-
-@fake_only
-@pytest.mark.parametrize("kind", ["chat-stream", "speech-stream", "chat-blocking"])
-def test_client_disconnect_cancels_generation(kind):
-    engine = make_engine(step_s=0.01, frames=(2000, 2000))  # 20 s of decoding unless cancelled
-    with LiveServer(engine, settings_for(None)) as server:
-        request_id = f"disconnect-{kind}"
-        headers = {"X-Request-Id": request_id}
-        if kind == "chat-blocking":
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, headers=headers, timeout=0.3)
-        else:
-            path, body = (("/v1/chat/completions", _chat(stream=True)) if kind == "chat-stream"
-                          else ("/v1/audio/speech", {**SPEECH, "voice": "default", "response_format": "pcm"}))
-            with httpx.stream("POST", server.url + path, json=body, headers=headers, timeout=30) as response:
-                assert response.status_code == 200
-                received = 0
-                for chunk in response.iter_bytes():
-                    received += len(chunk)
-                    if received > 20_000:
-                        break  # leave mid-stream
-        _wait_for(lambda: engine.results)
-        (engine_id, finished), = engine.results.items()
-        assert engine_id.startswith(request_id + "-")  # the client's X-Request-Id prefixes the server's
-        assert finished.finish_reason == "cancelled" and finished.completion_tokens < 2000
-        _wait_for(lambda: server.metric("higgs_generations_cancelled_total", cause="disconnect") == 1)
         assert server.metric("higgs_generations_in_flight") == 0
 
 
-@fake_only
-def test_engine_failure_is_500_with_openai_body_and_sse_error():
-    engine = make_engine(fail_marker="EXPLODE")
+@pytest.fixture(scope="module")
+def solo(tiny_artifacts):
+    """One decode slot: a generation that is not cancelled would hold it for seconds."""
+    with LiveServer(make_engine(tiny_artifacts, max_batch=1), settings_for(None)) as server:
+        yield server
+
+
+def _raw_post(url: str, path: str, body: dict, request_id: str) -> socket.socket:
+    """POST over a plain socket, so that the test can drop the connection whenever it likes."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\nX-Request-Id: {request_id}\r\n\r\n".encode() + payload)
+    return sock
+
+
+@pytest.mark.parametrize("kind", ["chat-stream", "speech-stream", "chat-blocking"])
+def test_client_disconnect_cancels_generation(solo, kind, caplog):
+    caplog.set_level(logging.INFO, logger="higgs.engine")
+    engine, recorder = solo.engine, solo.recorder
+    request_id = f"disconnect-{kind}"
+    cancelled = solo.metric("higgs_generations_cancelled_total", cause="disconnect")
+    if kind == "chat-blocking":
+        first_audio = solo.metric("higgs_time_to_first_audio_seconds_count", endpoint="chat")
+        sock = _raw_post(solo.url, "/v1/chat/completions", _chat(**LONG), request_id)
+        wait_for(lambda: solo.metric("higgs_time_to_first_audio_seconds_count", endpoint="chat") > first_audio,
+                 what="first audio of the blocking request")
+        sock.close()  # leave while the engine is generating
+    else:
+        path, body = (("/v1/chat/completions", _chat(stream=True, **LONG)) if kind == "chat-stream"
+                      else ("/v1/audio/speech", {**SPEECH, "voice": "default", "response_format": "pcm", **LONG}))
+        with httpx.stream("POST", solo.url + path, json=body, headers={"X-Request-Id": request_id},
+                          timeout=30) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes():
+                if b'"audio"' in chunk or kind == "speech-stream" and chunk:
+                    break  # leave after the first audio
+    finished = wait_for(lambda: recorder.finished_with_prefix(request_id + "-"), what="the engine's last event")
+    assert finished.finish_reason == "cancelled" and 0 < finished.completion_tokens < LONG["max_completion_tokens"]
+    wait_for(lambda: solo.metric("higgs_generations_cancelled_total", cause="disconnect") == cancelled + 1,
+             what="cancel metric")
+    assert solo.metric("higgs_generations_in_flight") == 0
+    assert engine._free_slots == [0] and not engine._active  # the decode slot is free again
+    assert any(r.name == "higgs.engine" and "cancelled by the client" in r.getMessage()
+               and request_id in r.getMessage() for r in caplog.records)
+    assert httpx.post(f"{solo.url}/v1/chat/completions", json=_chat(**SHORT), timeout=60).status_code == 200
+
+
+def test_engine_failure_is_500_with_openai_body_and_sse_error(tiny_artifacts):
+    engine = make_engine(tiny_artifacts, max_batch=1)
     with LiveServer(engine, settings_for(None)) as server:
-        body = _chat(messages=[{"role": "user", "content": "EXPLODE now"}])
-        _assert_openai_error(httpx.post(f"{server.url}/v1/chat/completions", json=body), 500, "generation_failed")
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}) as response:
+        url = f"{server.url}/v1/chat/completions"
+        engine.recorder.fail_next_audio_step("injected runtime fault")
+        response = httpx.post(url, json=_chat(**SHORT), timeout=60)
+        _assert_openai_error(response, 500, "generation_failed")
+        assert "injected runtime fault" in response.json()["error"]["message"]
+        engine.recorder.fail_next_audio_step()
+        with httpx.stream("POST", url, json=_chat(stream=True, **SHORT), timeout=60) as response:
+            assert response.status_code == 200
             events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
         assert json.loads(events[-2])["error"]["code"] == "generation_failed" and events[-1] == "[DONE]"
+        assert server.metric("higgs_generations_finished_total", reason="error") == 2
+        assert httpx.post(url, json=_chat(**SHORT), timeout=60).status_code == 200  # the engine recovered
 
 
-@fake_only
-def test_shutdown_drains_in_flight_stream():
-    engine = make_engine(step_s=0.01, frames=(60, 60))
+def test_shutdown_drains_in_flight_stream(tiny_artifacts):
+    engine = make_engine(tiny_artifacts, max_batch=1)
     server = LiveServer(engine, settings_for(None)).__enter__()
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=_chat(stream=True), timeout=30) as response:
+    body = _chat(stream=True, seed=4, max_completion_tokens=120)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         server.server.should_exit = True  # begin shutdown mid-stream
         rest = [line for line in lines if line]
     server.stop()
     finish = json.loads(rest[-2][6:])["choices"][0]
-    assert finish["finish_reason"] == "stop" and rest[-1] == "data: [DONE]"
-    assert engine.shutdown_calls == [True]
-
-
-def _wait_for(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+    assert finish["finish_reason"] == "length" and rest[-1] == "data: [DONE]"
+    audio = b"".join(base64.b64decode(json.loads(line[6:])["choices"][0]["delta"]["audio"]["data"])
+                     for line in rest if '"audio"' in line)
+    (finished,) = engine.recorder.finished.values()
+    assert finished.completion_tokens == 120 and len(audio) == 2 * round(finished.audio_seconds * 24000)
+    assert engine.recorder.shutdown_calls == [True]

@@ -1,0 +1,75 @@
+"""Work the benchmarks run in child processes (so its time and peak RSS are its own).
+
+    python -m bench._child load CHECKPOINT_DIR DTYPE     time export.llm.load_backbone
+    python -m bench._child write-codec OUT_DIR SIZE      export.tiny_codec.write_tiny_codec
+    python -m bench._child export-codec CODEC_DIR OUT    codec_decoder.onnx + codec_encoder.onnx only
+
+The last output line is `BENCH_RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def _emit(result: dict) -> None:
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def load(checkpoint: str, dtype_name: str) -> dict:
+    import torch
+
+    from export.llm import load_backbone
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
+    started = time.perf_counter()
+    model = load_backbone(checkpoint, dtype)
+    seconds = time.perf_counter() - started
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"seconds": seconds, "parameters": params, "parameter_bytes": nbytes}
+
+
+def write_codec(out: str, size: str) -> dict:
+    from export.tiny_codec import write_tiny_codec
+
+    started = time.perf_counter()
+    write_tiny_codec(out, seed=0, size=size)
+    return {"seconds": time.perf_counter() - started}
+
+
+def export_codec(codec_dir: str, out: str) -> dict:
+    from export.codec import load_codec
+    from export.onnx_codec import export_codec_decoder, export_codec_encoder
+
+    started = time.perf_counter()
+    codec = load_codec(codec_dir)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graphs = {}
+    graphs["codec_decoder"] = export_codec_decoder(codec, out_dir / "codec_decoder.onnx")
+    try:
+        graphs["codec_encoder"] = export_codec_encoder(codec, out_dir / "codec_encoder.onnx")
+    except Exception as error:  # the decoder is still useful without it; the bench reports the reason
+        graphs["codec_encoder_error"] = f"{type(error).__name__}: {error}"
+    (out_dir / "graphs.json").write_text(json.dumps(graphs, indent=2))
+    return {"seconds": time.perf_counter() - started, "graphs": sorted(graphs)}
+
+
+def main(argv: list[str]) -> int:
+    task, *args = argv
+    tasks = {"load": load, "write-codec": write_codec, "export-codec": export_codec}
+    if task not in tasks:
+        print(f"unknown task {task!r}: {sorted(tasks)}", file=sys.stderr)
+        return 2
+    _emit(tasks[task](*args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

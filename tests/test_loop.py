@@ -1,0 +1,134 @@
+"""The decode loop on ONNX Runtime: upstream's greedy generations, streaming, seeds, stop rules, batching."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+
+from engines.api import AudioChunk, Finished, SamplingParams, SpeechRequest
+from engines.codec import CodecDecoder
+from engines.delay import delayed_to_codes
+from engines.generate import Engine
+from engines.manifest import Manifest
+from engines.ort_runtime import OrtBackbone
+from engines.prompt import tts_messages
+from goldens import load
+
+GREEDY = SamplingParams(temperature=0.0, ras_window=0)
+
+
+def run(engine: Engine, *requests: SpeechRequest) -> list[tuple[np.ndarray, Finished]]:
+    """Submit together (one batch), run to the end; (pcm, Finished) per request."""
+    handles = [engine.submit(r) for r in requests]
+    engine.run_until_idle()
+    results = []
+    for handle in handles:
+        events = list(handle.iter_blocking())
+        chunks = [e.pcm for e in events if isinstance(e, AudioChunk)]
+        results.append((np.concatenate(chunks) if chunks else np.zeros(0, np.float32), events[-1]))
+    return results
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifacts):
+    return Engine.from_artifacts(tiny_artifacts, max_batch=4, max_len=1024, stream_frames=2)
+
+
+def say(text: str, **kwargs) -> SpeechRequest:
+    return SpeechRequest(tts_messages(text), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["llm_tiny", "llm_tiny_eos3"])
+@pytest.mark.parametrize("prefill_mode", ["graph", "split"])
+def test_greedy_generation_reproduces_upstream(golden_artifacts, name, prefill_mode):
+    golden = load(name)
+    runtime = OrtBackbone(Manifest.load(golden_artifacts(name)), max_batch=2, max_len=128)
+    engine = Engine(runtime, codec=None, prefill_mode=prefill_mode)
+    requests = []
+    for case in ("zero_shot", "voice_clone"):
+        audio = (golden[f"{case}/prompt_audio_out_ids"],) if case == "voice_clone" else ()
+        requests.append(SpeechRequest([], sampling=GREEDY, max_tokens=48, prompt_ids=golden[f"{case}/prompt_ids"], prompt_audio=audio))
+    for case, (_, finished) in zip(("zero_shot", "voice_clone"), run(engine, *requests)):  # both in one batch
+        assert finished.finish_reason == "length"
+        segment = finished.segments[0]
+        np.testing.assert_array_equal(segment, golden[f"{case}/segment0_delayed"])
+        np.testing.assert_array_equal(delayed_to_codes(segment), golden[f"{case}/segment0_codes"])
+        assert list(finished.text_ids) == golden[f"{case}/generated_text_ids"].tolist()
+
+
+def test_tiny_default_ends_its_audio_by_itself(engine):
+    (pcm, finished), = run(engine, say("The quick brown fox jumps over the lazy dog.", sampling=GREEDY))
+    assert finished.finish_reason == "stop" and finished.stop_reason == 1025
+    assert 0.2 < pcm.size / 24000 < 10 and finished.text_ids[:2] == (128016, 128012)
+
+
+def test_streamed_chunks_equal_the_one_shot_decode(engine, tiny_artifacts):
+    codec = CodecDecoder(Manifest.load(tiny_artifacts).graph_path("codec_decoder"))
+    for seed in (1, 4):  # seed 4 gives a long utterance (many chunks), seed 1 a short one
+        (pcm, finished), = run(engine, say("Hello there, how are you today? I am fine.", sampling=SamplingParams(seed=seed)))
+        one_shot = np.concatenate([codec.decode(delayed_to_codes(s)) for s in finished.segments])
+        assert pcm.size == one_shot.size > 0
+        assert np.abs(pcm - one_shot).max() <= 1e-5
+
+
+def test_seed_makes_a_request_reproducible_whatever_the_batch(engine):
+    params = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=11)
+    (alone, a), = run(engine, say("Reproducible speech.", sampling=params))
+    batch = run(engine, say("Other one.", sampling=SamplingParams(seed=1)), say("Reproducible speech.", sampling=params),
+                say("Another.", sampling=SamplingParams(seed=2)))
+    together, b = batch[1]
+    assert a.text_ids == b.text_ids and all(np.array_equal(x, y) for x, y in zip(a.segments, b.segments))
+    assert np.array_equal(alone, together)
+    (_, c), = run(engine, say("Reproducible speech.", sampling=SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=12)))
+    assert any(not np.array_equal(x, y) for x, y in zip(a.segments, c.segments)) or len(a.segments[0][0]) != len(c.segments[0][0])
+
+
+def test_max_tokens_cancellation_and_slot_reuse(engine):
+    handle = engine.submit(say("Cut short.", sampling=GREEDY, max_tokens=5))
+    engine.run_until_idle()
+    finished = list(handle.iter_blocking())[-1]
+    assert finished.finish_reason == "length" and finished.completion_tokens == 5
+    long = engine.submit(say("Cancelled.", sampling=SamplingParams(seed=4)))
+    engine.step()
+    engine.step()
+    long.cancel()
+    engine.run_until_idle()
+    assert list(long.iter_blocking())[-1].finish_reason == "cancelled"
+    assert sorted(engine._free_slots) == list(range(engine.runtime.max_batch))
+
+
+def test_prompts_that_do_not_fit_fail_at_submit(engine):
+    with pytest.raises(ValueError, match="KV cache"):
+        engine.submit(say("word " * 2000))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit(say("fine", max_tokens=5000))
+
+
+def test_voice_clone_prompt_runs(engine):
+    codes = np.random.default_rng(0).integers(0, 1024, (8, 30))
+    request = SpeechRequest(tts_messages("Cloned voice.", references=[("Reference words.", codes)]), sampling=GREEDY, max_tokens=60)
+    (_, finished), = run(engine, request)
+    assert finished.prompt_tokens > 30 + 9 and finished.completion_tokens > 0
+
+
+def test_cli_writes_a_wav(tiny_artifacts, tmp_path):
+    out = tmp_path / "hello.wav"
+    result = subprocess.run(
+        [sys.executable, "-m", "engines.generate", "--artifacts", str(tiny_artifacts), "--text", "Hello world.",
+         "--out", str(out), "--seed", "1", "--stream"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "chunk 1" in result.stdout
+    with wave.open(str(out)) as f:
+        assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (24000, 1, 2) and f.getnframes() > 0
+
+
+def test_cli_explains_a_missing_export(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "engines.generate", "--artifacts", str(tmp_path), "--text", "x"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "make export" in result.stderr
