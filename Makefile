@@ -31,7 +31,7 @@ help:
 	@echo "make export    CHECKPOINT=DIR CODEC=DIR OUT=DIR [DTYPE=float32|float16|bfloat16]"
 	@echo "make verify    CHECKPOINT=DIR GOLDEN=FILE [ARTIFACTS=DIR]"
 	@echo "make check-onnx ARTIFACTS=DIR CHECKPOINT=DIR   polygraphy: ONNX Runtime vs torch reference"
-	@echo "make engine    ARTIFACTS=DIR [PRECISION=fp16|bf16|fp32] [MAX_BATCH=..] [MAX_LEN=..]"
+	@echo "make engine    ARTIFACTS=DIR [PRECISION=fp16|bf16|fp32] [MAX_BATCH=..] [MAX_LEN=..] [NO_PREFILL=1]"
 	@echo "make check-engine ARTIFACTS=DIR                polygraphy: TensorRT vs ONNX Runtime"
 	@echo "make generate  ARTIFACTS=DIR TEXT='...' WAV=out.wav"
 	@echo "make serve     [MODEL=name] [HOST=..] [PORT=..] [ARTIFACTS=DIR]"
@@ -71,7 +71,7 @@ check-onnx: $(STAMP)
 	$(PY) -m export.check_onnx --artifacts $(ARTIFACTS) --checkpoint $(CHECKPOINT)
 
 engine: $(STAMP)
-	$(PY) -m engines.build_engine --artifacts $(ARTIFACTS) --precision $(PRECISION) --max-batch $(MAX_BATCH) --max-len $(MAX_LEN) --out $(ENGINES)
+	$(PY) -m engines.build_engine --artifacts $(ARTIFACTS) --precision $(PRECISION) --max-batch $(MAX_BATCH) --max-len $(MAX_LEN) --out $(ENGINES) $(if $(NO_PREFILL),--no-prefill)
 
 check-engine: $(STAMP)
 	$(PY) -m engines.check_engine --artifacts $(ARTIFACTS) --engines $(ENGINES)

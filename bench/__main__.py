@@ -21,7 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import CPU_HEADING, Section, format_table, machine_description, today, write_doc_section
+from .common import CPU_HEADING, CpuLoad, Section, format_table, machine_description, today, write_doc_section
 from .cpu import SECTIONS, Config, Workspace, prebuild_chains
 
 ORDER = ["steps", "export", "loop", "codec"]  # report order (section numbers)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-dtypes", default=None, help="comma-separated dtypes for the export section (default: bfloat16,float16)")
     parser.add_argument("--write-doc", action="store_true", help="write docs/benchmarks.md even for --quick / --only runs")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
-    parser.add_argument("--keep", type=Path, default=None, help="build in this folder and keep it (default: a temp folder, removed)")
+    parser.add_argument("--keep", type=Path, default=None, help="build in this folder, keep it, and reuse its builds next time (default: a temp folder, removed)")
     args = parser.parse_args(argv)
 
     cfg = Config.make(args.quick, args.threads)
@@ -92,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tempfile.mkdtemp(prefix="higgs-bench-"))
     results: dict[str, Section] = {}
     try:
-        ws = Workspace(root, log)
+        ws = Workspace(root, log, reuse=args.keep is not None)
         log(f"building checkpoints and exports in {root} (two build chains side by side; nothing is timed yet)")
         ws.prebuild(prebuild_chains(ws, cfg, wanted))
         log("builds done")
         for name in [n for n in RUN_ORDER if n in wanted]:
             t0 = time.perf_counter()
+            load = CpuLoad()
             log(f"section {name}")
             try:
                 section = SECTIONS[name](ws, cfg, log)
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 section = Section(name, f"{ORDER.index(name) + 1}. {name}")
                 section.skipped.append(f"section failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             section.seconds = time.perf_counter() - t0
+            section.background_cores = load.background_cores()
             results[name] = section
             print(f"\n=== {section.title} ({section.seconds:.0f} s) ===\n{section.render()}", flush=True)
     finally:

@@ -4,7 +4,7 @@
     python -m bench._child write-codec OUT_DIR SIZE      export.tiny_codec.write_tiny_codec
     python -m bench._child export-codec CODEC_DIR OUT    codec_decoder.onnx + codec_encoder.onnx only
 
-The last output line is `BENCH_RESULT {json}`.
+Output ends with `BENCH_RESULT {json}` and `BENCH_PEAK_RSS <bytes>` (this process's VmHWM).
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def export_codec(codec_dir: str, out: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from ._peak import report_at_exit
+
+    report_at_exit()
     task, *args = argv
     tasks = {"load": load, "write-codec": write_codec, "export-codec": export_codec}
     if task not in tasks:

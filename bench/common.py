@@ -121,6 +121,7 @@ class Section:
     summary: list[tuple[str, str]] = field(default_factory=list)  # (what, value)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    background_cores: float | None = None  # other processes' average CPU use during the section
 
     def table(self, title: str, headers: list[str], rows: list[list[object]]) -> None:
         self.tables.append((title, headers, rows))
@@ -135,6 +136,9 @@ class Section:
             out.append(f"- skipped: {reason}" if markdown else f"  skipped: {reason}")
         for note in self.notes:
             out.append(f"- {note}" if markdown else f"  note: {note}")
+        if self.background_cores is not None:
+            load = f"other processes kept {self.background_cores:.2f} cores busy on average during this section ({self.seconds:.0f} s)"
+            out.append(f"- {load}" if markdown else f"  load: {load}")
         return "\n".join(out).rstrip() + "\n"
 
 
@@ -145,8 +149,8 @@ class Section:
 class ChildResult:
     returncode: int
     seconds: float
-    peak_rss: int | None  # bytes: the child's own high-water mark (kernel ru_maxrss via wait4)
-    peak_rss_sampled: int | None  # bytes: max of the RSS of the child's process tree sampled with psutil
+    peak_rss: int | None  # bytes: the child's own VmHWM (self-reported at exit, else the last sampled value)
+    peak_rss_sampled: int | None  # bytes: max RSS of the child's process tree, psutil samples (cross-check)
     output: str  # combined stdout + stderr
 
     @property
@@ -157,9 +161,33 @@ class ChildResult:
         return "\n".join(self.output.splitlines()[-lines:])
 
 
-def maxrss_bytes(ru_maxrss: int, platform: str = sys.platform) -> int:
-    """`ru_maxrss` is KiB on Linux and bytes on macOS."""
-    return int(ru_maxrss) if platform == "darwin" else int(ru_maxrss) * 1024
+PEAK_PREFIX = "BENCH_PEAK_RSS "  # printed by bench._peak / bench._child at exit
+
+
+def status_field_bytes(status_text: str, key: str) -> int | None:
+    """A `kB` field of /proc/PID/status (e.g. VmHWM, VmRSS) in bytes."""
+    for line in status_text.splitlines():
+        if line.startswith(key + ":"):
+            parts = line.split()
+            return int(parts[1]) * (1024 if len(parts) > 2 and parts[2].lower() == "kb" else 1)
+    return None
+
+
+def reported_peak(output: str) -> int | None:
+    """The last `BENCH_PEAK_RSS <bytes>` line a child printed, if any."""
+    for line in reversed(output.splitlines()):
+        if line.startswith(PEAK_PREFIX):
+            value = line[len(PEAK_PREFIX) :].strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _vmhwm(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return status_field_bytes(f.read(), "VmHWM")
+    except OSError:
+        return None
 
 
 def _tree_rss(proc) -> int:
@@ -184,14 +212,15 @@ def run_measured(
     env: dict | None = None,
     on_line: Callable[[str], None] | None = None,
     sample_interval: float = 0.05,
-    timeout: float | None = None,
 ) -> ChildResult:
     """Run `cmd`, stream its output lines to `on_line`, and measure wall time and peak RSS.
 
-    The peak is the kernel's high-water mark of that one child (`os.wait4` rusage; the child's own
-    waited-for descendants are included by the kernel), so it is exact and per child, unlike
-    `getrusage(RUSAGE_CHILDREN)`, which is the maximum over every child reaped so far. psutil
-    sampling of the whole process tree is kept as a cross-check (and the fallback without wait4).
+    Peak RSS is the child's own VmHWM (the kernel's high-water mark of its address space): exact
+    when the child reports it at exit (run Python modules through `python -m bench._peak MODULE`),
+    otherwise the last value sampled from /proc/PID/status. psutil sampling of the whole process
+    tree's RSS every `sample_interval` seconds is kept as a cross-check. Not used on purpose:
+    `os.wait4` / `getrusage(RUSAGE_CHILDREN)` ru_maxrss, which on Linux start from the *parent's*
+    high-water mark (carried over fork + exec) and, for RUSAGE_CHILDREN, are a max over all children.
     """
     try:
         import psutil
@@ -211,31 +240,65 @@ def run_measured(
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
-    watched = psutil.Process(proc.pid) if psutil is not None else None
-    sampled = 0
-    rusage = None
-    status = None
-    have_wait4 = hasattr(os, "wait4")
-    while True:
+    watched = None
+    if psutil is not None:
+        try:
+            watched = psutil.Process(proc.pid)
+        except psutil.Error:
+            watched = None
+    sampled, hwm = 0, 0
+    while proc.poll() is None:
         if watched is not None:
             sampled = max(sampled, _tree_rss(watched))
-        if have_wait4:
-            pid, status_raw, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid == proc.pid:
-                rusage, status = usage, os.waitstatus_to_exitcode(status_raw)
-                proc.returncode = status  # reaped here: tell Popen
-                break
-        elif proc.poll() is not None:
-            status = proc.returncode
-            break
-        if timeout is not None and time.perf_counter() - started > timeout:
-            proc.kill()
+        hwm = max(hwm, _vmhwm(proc.pid) or 0)
         time.sleep(sample_interval)
     seconds = time.perf_counter() - started
     thread.join(timeout=10)
     proc.stdout.close()
-    peak = maxrss_bytes(rusage.ru_maxrss) if rusage is not None else None
-    return ChildResult(status, seconds, peak, sampled or None, "".join(lines))
+    output = "".join(lines)
+    peak = reported_peak(output) or hwm or None
+    return ChildResult(proc.returncode, seconds, peak, sampled or None, output)
+
+
+# --- CPU time used by other processes (the machine is shared) ------------------------------------
+
+
+def proc_stat_busy_idle(stat_text: str) -> tuple[int, int]:
+    """(busy, idle) jiffies summed over all CPUs from the first line of /proc/stat."""
+    first = stat_text.splitlines()[0].split()
+    if first[0] != "cpu":
+        raise ValueError("not a /proc/stat text")
+    values = [int(v) for v in first[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    busy = sum(values[:8]) - idle  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return busy, idle
+
+
+class CpuLoad:
+    """Average number of cores kept busy by *other* processes between start() and stop():
+    machine-wide busy time (/proc/stat) minus this process's (and its reaped children's) CPU time."""
+
+    def __init__(self):
+        self._start = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        try:
+            busy, _ = proc_stat_busy_idle(Path("/proc/stat").read_text())
+        except (OSError, ValueError):
+            return None
+        own = os.times()
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        return busy / tick, own.user + own.system + own.children_user + own.children_system, time.perf_counter()
+
+    def background_cores(self) -> float | None:
+        end = self._snapshot()
+        if self._start is None or end is None:
+            return None
+        busy = end[0] - self._start[0]
+        own = end[1] - self._start[1]
+        wall = end[2] - self._start[2]
+        return max(0.0, (busy - own) / wall) if wall > 0 else None
 
 
 # --- machine / docs ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .common import (
     fmt_ratio,
     interleaved,
     median,
+    spread,
     ratio,
     run_measured,
 )
@@ -49,7 +50,8 @@ class Config:
     step_batches: tuple[int, ...] = (1, 4)
     max_len: int = 1024
     context: int = 200
-    step_rounds: int = 7
+    step_rounds: int = 5
+    step_threads: tuple[int, ...] = ()  # () = 1 and all cores
     block_seconds: float = 0.2  # one timed block of consecutive steps per round and engine
     # section 2: export / load
     export_size: str = "v2.5-1b"
@@ -68,11 +70,13 @@ class Config:
 
     @classmethod
     def make(cls, quick: bool, threads: int = 0) -> "Config":
+        pinned = (threads,) if threads else ()
         if not quick:
-            return cls(threads=threads)
+            return cls(threads=threads, step_threads=pinned)
         return cls(
             quick=True,
             threads=threads,
+            step_threads=pinned,
             step_sizes=("tiny",),
             step_rounds=5,
             block_seconds=0.15,
@@ -112,8 +116,9 @@ class Workspace:
     """Builds what the sections need under `root`, each thing once (thread-safe, so independent
     builds can run side by side before any timing starts)."""
 
-    def __init__(self, root: Path, log: Log):
+    def __init__(self, root: Path, log: Log, reuse: bool = False):
         self.root = root
+        self.reuse = reuse
         self.log = log
         self.python = sys.executable
         self.builds: dict[str, dict] = {}  # key -> {"seconds", "peak_rss"}
@@ -125,9 +130,14 @@ class Workspace:
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
+            marker = self.root / f".done-{key}"
+            if key not in self._done and self.reuse and marker.is_file():  # --keep DIR from an earlier run
+                self._done[key] = Path(marker.read_text())
+                self.log(f"reusing {self._done[key]}")
             if key not in self._done:
                 try:
                     self._done[key] = build()
+                    marker.write_text(str(self._done[key]))
                 except Exception as error:  # remembered: the sections that need it report it, once each
                     self._done[key] = error
             if isinstance(self._done[key], Exception):
@@ -143,6 +153,8 @@ class Workspace:
 
         repo = Path(__file__).resolve().parent.parent
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if args[0] == "-m" and args[1] != "bench._child":
+            args = ["-m", "bench._peak", *args[1:]]  # reports the module's own peak RSS at exit
         result = run_measured([self.python, *args], cwd=repo, env=env, on_line=on_line)
         if not result.ok:
             raise BuildError(f"{key}: `python {' '.join(args)}` exited {result.returncode}:\n{result.tail()}")
@@ -243,16 +255,16 @@ def section_steps(ws: Workspace, cfg: Config, log: Log) -> Section:
     from export.llm import Mode, load_backbone
 
     section = Section("steps", "1. Decode step: ONNX Runtime CPU vs torch eager (float32, same weights)")
-    torch.set_num_threads(cfg.cores())
     rows = []
     batches = tuple(cfg.step_batches)
     max_batch = max(batches)
+    thread_counts = tuple(dict.fromkeys(cfg.step_threads or (1, cfg.cores())))
     for size in cfg.step_sizes:
         ckpt, art = ws.checkpoint(size), ws.artifacts(size)
-        log(f"steps: {size}: loading torch model and ORT sessions")
+        log(f"steps: {size}: loading the torch model and prefilling {cfg.context} tokens per row")
         model = load_backbone(ckpt, torch.float32)
-        runtime = OrtBackbone(Manifest.load(art), max_batch=max_batch, max_len=cfg.max_len, threads=cfg.cores())
-        spec = runtime.spec
+        manifest = Manifest.load(art)
+        spec = manifest.model
         rng = np.random.default_rng(0)
         ctx = cfg.context
         ids = rng.integers(0, 128000, (max_batch, ctx))
@@ -260,57 +272,71 @@ def section_steps(ws: Workspace, cfg: Config, log: Log) -> Section:
         with torch.inference_mode():
             model(Mode.TEXT, torch.from_numpy(ids), None, None, torch.zeros(max_batch, dtype=torch.int64),
                   torch.full((max_batch,), ctx - 1), cache)
-        for slot in range(max_batch):
-            runtime.prefill(slot, ids[slot], np.zeros((ctx, spec.num_codebooks), np.int64), np.zeros(ctx, bool))
         codes = rng.integers(0, spec.codebook_size, (max_batch, spec.num_codebooks))
         tokens = rng.integers(0, 128000, (max_batch,))
-        for graph in ("audio", "text"):
-            for batch in batches:
-                lengths_np = np.full(batch, ctx, np.int64)
-                slots = np.arange(batch)
-                past = [(k[:batch], v[:batch]) for k, v in cache]  # views: in-place writes land in `cache`
-                lengths = torch.from_numpy(lengths_np)
-                last = torch.zeros(batch, dtype=torch.int64)
-                if graph == "audio":
-                    t_codes = torch.from_numpy(codes[:batch, None, :].copy())
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            runtime = OrtBackbone(manifest, max_batch=max_batch, max_len=cfg.max_len, threads=threads)
+            for slot in range(max_batch):
+                runtime.prefill(slot, ids[slot], np.zeros((ctx, spec.num_codebooks), np.int64), np.zeros(ctx, bool))
+            for graph in ("audio", "text"):
+                for batch in batches:
+                    lengths_np = np.full(batch, ctx, np.int64)
+                    slots = np.arange(batch)
+                    past = [(k[:batch], v[:batch]) for k, v in cache]  # views: in-place writes land in `cache`
+                    lengths = torch.from_numpy(lengths_np)
+                    last = torch.zeros(batch, dtype=torch.int64)
+                    if graph == "audio":
+                        t_codes = torch.from_numpy(codes[:batch, None, :].copy())
 
-                    def torch_step():
-                        return model(Mode.AUDIO, None, t_codes, None, lengths, last, past)[1]
+                        def torch_step():
+                            return model(Mode.AUDIO, None, t_codes, None, lengths, last, past)[1]
 
-                    def ort_step():
-                        return runtime.audio_step(slots, codes[:batch], lengths_np)
-                else:
-                    t_ids = torch.from_numpy(tokens[:batch, None].copy())
+                        def ort_step():
+                            return runtime.audio_step(slots, codes[:batch], lengths_np)
+                    else:
+                        t_ids = torch.from_numpy(tokens[:batch, None].copy())
 
-                    def torch_step():
-                        return model(Mode.TEXT, t_ids, None, None, lengths, last, past)[0]
+                        def torch_step():
+                            return model(Mode.TEXT, t_ids, None, None, lengths, last, past)[0]
 
-                    def ort_step():
-                        return runtime.text_step(slots, tokens[:batch], lengths_np)
+                        def ort_step():
+                            return runtime.text_step(slots, tokens[:batch], lengths_np)
 
-                with torch.inference_mode():
-                    diff = float(np.max(np.abs(torch_step().numpy() - ort_step())))
-                    n_torch = _calibrate(torch_step, cfg.block_seconds)
-                    n_ort = _calibrate(ort_step, cfg.block_seconds)
-                    times = interleaved(
-                        {"torch": lambda: _time_block(torch_step, n_torch), "ort": lambda: _time_block(ort_step, n_ort)},
-                        cfg.step_rounds,
-                    )
-                t, o = median(times["torch"]), median(times["ort"])
-                log(f"steps: {size} {graph} b{batch}: torch {fmt_ms(t)} ms, ORT {fmt_ms(o)} ms, torch/ORT {fmt_ratio(ratio(t, o))}")
-                rows.append([size, graph, batch, fmt_ms(t), fmt_ms(o), fmt_ratio(ratio(t, o)), f"{diff:.1e}"])
-                section.summary.append((f"{size} {graph} step b{batch}: torch/ORT", fmt_ratio(ratio(t, o))))
-        del model, runtime, cache
+                    with torch.inference_mode():
+                        diff = float(np.max(np.abs(torch_step().numpy() - ort_step())))
+                        for _ in range(3):  # warm both (first torch calls allocate, first ORT calls bind)
+                            torch_step(), ort_step()
+                        n_torch = _calibrate(torch_step, cfg.block_seconds)
+                        n_ort = _calibrate(ort_step, cfg.block_seconds)
+                        times = interleaved(
+                            {"torch": lambda: _time_block(torch_step, n_torch), "ort": lambda: _time_block(ort_step, n_ort)},
+                            cfg.step_rounds,
+                        )
+                    t, o = median(times["torch"]), median(times["ort"])
+                    r = ratio(t, o)
+                    log(f"steps: {size} {graph} b{batch} {threads}t: torch {fmt_ms(t)} ms "
+                        f"(spread {spread(times['torch']):.0%}), ORT {fmt_ms(o)} ms (spread {spread(times['ort']):.0%}), "
+                        f"torch/ORT {fmt_ratio(r)}")
+                    rows.append([size, graph, batch, threads, fmt_ms(t), fmt_ms(o), fmt_ratio(r),
+                                 f"{spread(times['torch']):.0%} / {spread(times['ort']):.0%}", f"{diff:.1e}"])
+                    section.summary.append((f"{size} {graph} step b{batch}, {threads} thread{'s' if threads > 1 else ''}: torch/ORT",
+                                            f"{fmt_ratio(r)} ({fmt_ms(o)} ms ORT)"))
+            del runtime
+        del model, cache
+    torch.set_num_threads(cfg.cores())
     section.table(
         "ms per decode step (median of interleaved rounds)",
-        ["config", "graph", "batch", "torch ms", "ORT ms", "torch/ORT", "max |dlogits|"],
+        ["config", "graph", "batch", "threads", "torch ms", "ORT ms", "torch/ORT", "spread t / o", "max |dlogits|"],
         rows,
     )
     section.notes.append(
         f"static KV cache of max_len {cfg.max_len} for both, {cfg.context} tokens prefilled per row, the step "
         f"writes position {cfg.context}; torch = export.llm in Mode.AUDIO / Mode.TEXT with in-place cache writes "
-        f"under inference_mode; ORT = OrtBackbone.audio_step / text_step (IO binding, cache aliased); {_threads_note(cfg)}; "
-        f"{cfg.step_rounds} rounds, order alternated each round; > 1.00x means ORT is faster"
+        "under inference_mode; ORT = OrtBackbone.audio_step / text_step (IO binding, cache aliased); threads = "
+        "torch.set_num_threads and ORT intra_op_num_threads alike; "
+        f"{cfg.step_rounds} rounds, order alternated each round; > 1.00x means ORT is faster; spread = (max - min) / "
+        "median over the rounds"
     )
     return section
 
@@ -392,9 +418,11 @@ def section_export(ws: Workspace, cfg: Config, log: Log) -> Section:
         section.notes.append(f"random checkpoint generation (export.tiny --size {size}): {gen['seconds']:.0f} s, "
                              f"peak RSS {fmt_bytes(gen['peak_rss'])} (built alongside other builds, not a timed result)")
     section.notes.append(
-        "peak RSS = the child's kernel high-water mark (os.wait4 ru_maxrss); 'sampled' = psutil sampling of the "
-        "process tree every 50 ms. Memory-mapped checkpoint pages count as RSS. The checkpoint was just written, "
-        "so it is read from the page cache (warm)."
+        "peak RSS = the child's own VmHWM (kernel high-water mark of its address space, reported at exit by "
+        "bench._peak); 'sampled' = max of psutil RSS samples of the child every 50 ms (misses short spikes). Not "
+        "wait4/RUSAGE_CHILDREN ru_maxrss: Linux starts a child's ru_maxrss from the parent's high-water mark. "
+        "Memory-mapped checkpoint pages count as RSS. The checkpoint was just written, so it is read from the page "
+        "cache (warm)."
     )
     if size != "v2-3b":
         section.notes.append(f"only the {size} checkpoint was measured; nothing is extrapolated to the 3B here")
@@ -497,17 +525,55 @@ def _run_requests(engine, requests) -> dict:
     }
 
 
+SPIN_KEY = "session.intra_op.allow_spinning"
+VARIANTS = {"spin": "ORT defaults (intra-op threads spin)", "nospin": f"{SPIN_KEY}=0 (backbone + codec sessions)"}
+
+
+def _cpu_session(path, threads: int | None, spinning: bool):
+    import onnxruntime as ort
+
+    from engines.ort_runtime import session_options
+
+    options = session_options(threads)
+    if not spinning:
+        options.add_session_config_entry(SPIN_KEY, "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_runtime(manifest, batch: int, max_len: int, threads: int, spinning: bool):
+    """OrtBackbone as the engine builds it; with spinning off, its sessions are rebuilt with the same
+    options plus allow_spinning=0 (before any call, so no IO binding refers to the old ones)."""
+    from engines.ort_runtime import GRAPHS, OrtBackbone
+
+    runtime = OrtBackbone(manifest, max_batch=batch, max_len=max_len, threads=threads)
+    if not spinning:
+        runtime.sessions = {g: _cpu_session(manifest.graph_path(g), threads, False) for g in GRAPHS}
+    return runtime
+
+
+def _codec_decoder(path, spinning: bool):
+    from engines.codec import CodecDecoder
+
+    decoder = CodecDecoder(path, ["CPUExecutionProvider"])
+    if not spinning:
+        decoder.session = _cpu_session(path, None, False)
+    return _TimedDecoder(decoder)
+
+
 def section_loop(ws: Workspace, cfg: Config, log: Log) -> Section:
     from engines.api import SamplingParams, SpeechRequest
-    from engines.codec import CodecDecoder
     from engines.generate import Engine
     from engines.manifest import Manifest
-    from engines.ort_runtime import OrtBackbone
     from engines.prompt import PromptRenderer, tts_messages
 
     section = Section("loop", "3. Decode loop (Engine.step, ORT CPU, greedy)")
-    cpu = ["CPUExecutionProvider"]
-    decoders = {c: _TimedDecoder(CodecDecoder(ws.codec_graphs(c) / "codec_decoder.onnx", cpu)) for c in {"tiny", *cfg.ttfa_codecs}}
+    threads = cfg.cores()
+    variants = list(VARIANTS)
+    decoders = {
+        (c, v): _codec_decoder(ws.codec_graphs(c) / "codec_decoder.onnx", v == "spin")
+        for c in dict.fromkeys(("tiny", *cfg.ttfa_codecs))
+        for v in variants
+    }
     stream_frames = inspect.signature(Engine.__init__).parameters["stream_frames"].default
     loop_rows, ttfa_rows = [], []
     for size in cfg.loop_sizes:
@@ -520,74 +586,88 @@ def section_loop(ws: Workspace, cfg: Config, log: Log) -> Section:
             return SpeechRequest(messages, sampling=SamplingParams(temperature=0.0), max_tokens=max_tokens)
 
         for batch in cfg.loop_batches:
-            runtime = OrtBackbone(manifest, max_batch=batch, max_len=cfg.max_len, threads=cfg.cores())
-            engine = Engine(_no_stream_eos(runtime), decoders["tiny"], renderer=renderer, stream_frames=stream_frames)
-            engine.warmup()
-            prompt_len = len(engine._prepare(request(cfg.max_tokens))[0].input_ids)
             rng = np.random.default_rng(1)
             codes = rng.integers(0, spec.codebook_size, (batch, spec.num_codebooks))
             slots = np.arange(batch)
-            lengths = np.full(batch, prompt_len + cfg.max_tokens // 2, np.int64)
+            runtimes, engines, runs, candidates = {}, {}, {v: [] for v in variants}, {}
+            prompt_len = 0
+            for v in variants:
+                runtime = runtimes[v] = _ort_runtime(manifest, batch, cfg.max_len, threads, v == "spin")
+                engine = engines[v] = Engine(_no_stream_eos(runtime), decoders["tiny", v], renderer=renderer, stream_frames=stream_frames)
+                engine.warmup()
+                prompt_len = len(engine._prepare(request(cfg.max_tokens))[0].input_ids)
+                lengths = np.full(batch, prompt_len + cfg.max_tokens // 2, np.int64)
 
-            def raw():
-                return runtime.audio_step(slots, codes, lengths)
+                def raw(runtime=runtime, lengths=lengths):
+                    return runtime.audio_step(slots, codes, lengths)
 
-            n_raw = _calibrate(raw, 0.5)
-            runs: list[dict] = []
+                def loop_once(engine=engine, v=v):
+                    runs[v].append(_run_requests(engine, [request(cfg.max_tokens) for _ in range(batch)]))
+                    return runs[v][-1]["step"]
 
-            def loop_once():
-                runs.append(_run_requests(engine, [request(cfg.max_tokens) for _ in range(batch)]))
-                return runs[-1]["step"]
-
-            log(f"loop: {size} batch {batch}: {cfg.loop_rounds} rounds of {cfg.max_tokens} steps + raw audio_step blocks")
-            times = interleaved({"loop": loop_once, "raw": lambda: _time_block(raw, n_raw)}, cfg.loop_rounds)
-            step, raw_step = median(times["loop"]), median(times["raw"])
-            graph = median(r["graph"] for r in runs)
-            codec = median(r["codec"] for r in runs)
-            other = step - graph - codec
-            tokens = sorted({t for r in runs for t in r["tokens"]})
-            reasons = sorted({x for r in runs for x in r["reasons"]})
-            overhead = step / raw_step - 1
-            overhead_nc = (step - codec) / raw_step - 1
-            loop_rows.append([
-                size, batch, prompt_len, "/".join(map(str, tokens)), fmt_ms(step), fmt_ms(graph), fmt_ms(codec), fmt_ms(other),
-                fmt_ms(raw_step), fmt_pct(overhead), fmt_pct(overhead_nc), f"{1 / step:.1f}", f"{batch / step / AUDIO_FRAME_RATE:.2f}",
-            ])
-            log(f"loop: {size} b{batch}: {fmt_ms(step)} ms/step (graph {fmt_ms(graph)}, codec {fmt_ms(codec)}), "
-                f"raw audio_step {fmt_ms(raw_step)} ms -> overhead {fmt_pct(overhead)} (excl. codec {fmt_pct(overhead_nc)}); {reasons}")
-            section.summary.append((f"{size} loop b{batch}: steps/s, overhead vs raw audio_step (excl. codec)",
-                                    f"{1 / step:.1f}/s, {fmt_pct(overhead)} ({fmt_pct(overhead_nc)})"))
+                n_raw = _calibrate(raw, 0.4)
+                candidates[f"loop {v}"] = loop_once
+                candidates[f"raw {v}"] = lambda raw=raw, n=n_raw: _time_block(raw, n)
+            log(f"loop: {size} batch {batch}: {cfg.loop_rounds} rounds of {cfg.max_tokens} steps + raw audio_step blocks, "
+                f"intra-op spinning on / off")
+            times = interleaved(candidates, cfg.loop_rounds)
+            for v in variants:
+                step, raw_step = median(times[f"loop {v}"]), median(times[f"raw {v}"])
+                graph = median(r["graph"] for r in runs[v])
+                codec = median(r["codec"] for r in runs[v])
+                other = step - graph - codec
+                tokens = sorted({t for r in runs[v] for t in r["tokens"]})
+                overhead = step / raw_step - 1
+                overhead_nc = (step - codec) / raw_step - 1
+                loop_rows.append([
+                    size, batch, v, prompt_len, "/".join(map(str, tokens)), fmt_ms(step), fmt_ms(graph), fmt_ms(codec), fmt_ms(other),
+                    fmt_ms(raw_step), fmt_pct(overhead), fmt_pct(overhead_nc), f"{1 / step:.1f}", f"{batch / step / AUDIO_FRAME_RATE:.2f}",
+                ])
+                log(f"loop: {size} b{batch} {v}: {fmt_ms(step)} ms/step (graph {fmt_ms(graph)}, codec {fmt_ms(codec)}), "
+                    f"raw audio_step {fmt_ms(raw_step)} ms -> overhead {fmt_pct(overhead)} (excl. codec {fmt_pct(overhead_nc)})")
+                section.summary.append((f"{size} loop b{batch} {v}: steps/s, overhead vs raw audio_step (excl. codec)",
+                                        f"{1 / step:.1f}/s, {fmt_pct(overhead)} ({fmt_pct(overhead_nc)})"))
+            spin_step, nospin_step = (median(times[f"loop {v}"]) for v in ("spin", "nospin"))
+            section.summary.append((f"{size} loop b{batch}: step time spin / no spin", fmt_ratio(ratio(spin_step, nospin_step))))
             if batch == 1:
-                ttfa = {"tiny": median(r["ttfa"][0] for r in runs if r["ttfa"][0] is not None)}
-                first_step = {"tiny": median(r["first_step"] for r in runs)}
-                for codec_size in cfg.ttfa_codecs:
-                    if codec_size == "tiny":
-                        continue
-                    other_engine = Engine(_no_stream_eos(runtime), decoders[codec_size], renderer=renderer, stream_frames=stream_frames)
-                    other_engine.warmup()
-                    short = [_run_requests(other_engine, [request(40)]) for _ in range(cfg.ttfa_rounds)]
-                    ttfa[codec_size] = median(r["ttfa"][0] for r in short if r["ttfa"][0] is not None)
-                    first_step[codec_size] = median(r["first_step"] for r in short)
-                for codec_size, value in ttfa.items():
-                    ttfa_rows.append([size, f"{codec_size} codec", prompt_len, fmt_ms(first_step[codec_size]), fmt_ms(value)])
-                    section.summary.append((f"{size} TTFA ({codec_size} codec)", f"{fmt_ms(value)} ms"))
-            engine.shutdown()
+                for v in variants:
+                    ttfa = {"tiny": median(r["ttfa"][0] for r in runs[v] if r["ttfa"][0] is not None)}
+                    first_step = {"tiny": median(r["first_step"] for r in runs[v])}
+                    for codec_size in cfg.ttfa_codecs:
+                        if codec_size == "tiny":
+                            continue
+                        other_engine = Engine(_no_stream_eos(runtimes[v]), decoders[codec_size, v], renderer=renderer,
+                                              stream_frames=stream_frames)
+                        other_engine.warmup()
+                        short = [_run_requests(other_engine, [request(40)]) for _ in range(cfg.ttfa_rounds)]
+                        ttfa[codec_size] = median(r["ttfa"][0] for r in short if r["ttfa"][0] is not None)
+                        first_step[codec_size] = median(r["first_step"] for r in short)
+                    for codec_size, value in ttfa.items():
+                        ttfa_rows.append([size, f"{codec_size} codec", v, prompt_len, fmt_ms(first_step[codec_size]), fmt_ms(value)])
+                        section.summary.append((f"{size} TTFA ({codec_size} codec, {v})", f"{fmt_ms(value)} ms"))
+            for engine in engines.values():
+                engine.shutdown()
     section.table(
-        f"loop: ms per Engine.step, {cfg.max_tokens} greedy audio steps per request (median of {cfg.loop_rounds} interleaved rounds)",
-        ["config", "batch", "prompt", "tokens", "loop ms", "graph ms", "codec ms", "other ms", "raw step ms", "overhead",
+        f"loop: ms per Engine.step, {cfg.max_tokens} greedy audio steps per request, {threads} intra-op threads "
+        f"(median of {cfg.loop_rounds} interleaved rounds)",
+        ["config", "batch", "ORT", "prompt", "tokens", "loop ms", "graph ms", "codec ms", "other ms", "raw step ms", "overhead",
          "excl. codec", "steps/s", "x realtime"],
         loop_rows,
     )
     section.table(
         "time to first audio chunk (submit -> first AudioChunk, batch 1)",
-        ["config", "codec decoder", "prompt", "first step ms (prefill)", "TTFA ms"],
+        ["config", "codec decoder", "ORT", "prompt", "first step ms (prefill)", "TTFA ms"],
         ttfa_rows,
     )
     section.notes.append(
         "loop ms = mean wall time of Engine.step after the first (admit + prefill) step; graph = Engine.stats "
         "graph_seconds per step (the backbone call(s) in _feed); codec = streaming codec decode inside the step "
         f"(tiny codec, chunks of {stream_frames} frames); other = sampling, RAS, delay pattern, bookkeeping; raw step = "
-        "OrtBackbone.audio_step alone on the same runtime at the same cache length; overhead = loop / raw - 1"
+        "OrtBackbone.audio_step called back to back on the same runtime at a similar cache length; overhead = loop / raw - 1"
+    )
+    section.notes.append(
+        f"ORT: spin = sessions as engines/ort_runtime.py and engines/codec.py create them; nospin = the same options plus "
+        f"{SPIN_KEY}=0 on the backbone and codec sessions (worker threads sleep instead of busy-waiting after each run)"
     )
     section.notes.append(
         "the stream-EOS logit is masked (a -inf write on the returned logits) so every request runs exactly max_tokens "

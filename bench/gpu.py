@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ from engines.manifest import Manifest, ModelSpec
 
 from .common import format_table, today, write_doc_section
 
-SIZES = ("v2.5-1b", "v2-3b")
+SIZES = ("v2.5-1b", "v2-3b")  # the default run; tiny / mid are export.tiny's smoke-test sizes
+ALL_SIZES = ("tiny", "mid", *SIZES)
 RUNTIMES = ("tensorrt", "ort-cuda", "torch")
 FRAME_RATE = 25  # codec frames (audio steps) per second of audio
 DTYPE = "float16"
@@ -62,7 +64,7 @@ def _csv(kind, choices=None):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=_csv(str, SIZES), default=list(SIZES), help="export.tiny sizes, in run order")
+    parser.add_argument("--sizes", type=_csv(str, ALL_SIZES), default=list(SIZES), help="export.tiny sizes, in run order")
     parser.add_argument("--batches", type=_csv(int), default=[1, 8, 32, 64], help="streams per audio step")
     parser.add_argument("--runtimes", type=_csv(str, RUNTIMES), default=list(RUNTIMES))
     parser.add_argument("--context", type=int, default=512, help="positions every stream attends during the timed steps")
@@ -168,10 +170,11 @@ def run_logged(command: list[str]) -> None:
 def prepare_artifacts(size: str, work: Path) -> Path:
     """Random checkpoint + float16 export for `size`, reused when already there."""
     root = work / size
-    artifacts = root / f"onnx-{DTYPE}"
-    if not (root / "llm" / "config.json").is_file():
+    artifacts, generated = root / f"onnx-{DTYPE}", root / "llm.done"
+    if not generated.is_file():  # a marker: an interrupted run leaves a partial checkpoint behind
         run_logged([sys.executable, "-m", "export.tiny", "--out", str(root), "--size", size, "--no-codec"])
-    if not (artifacts / "manifest.json").is_file():
+        generated.touch()
+    if not (artifacts / "manifest.json").is_file():  # export writes the manifest last
         run_logged([sys.executable, "-m", "export", "--checkpoint", str(root / "llm"), "--out", str(artifacts), "--dtype", DTYPE])
     return artifacts
 
@@ -266,6 +269,7 @@ class TorchBackend:
 
     def close(self) -> None:
         del self.model, self.cache
+        gc.collect()
         self.torch.cuda.empty_cache()
 
 
@@ -307,10 +311,11 @@ def open_backend(runtime: str, artifacts: Path, manifest: Manifest, args) -> Run
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise Skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider: pip install '.[gpu]'")
         return RuntimeBackend(OrtBackbone(manifest, max_batch=max_batch, max_len=args.max_len, device="cuda"), args.context)
-    from engines.trt_runtime import EngineMismatch, MissingDependency, TrtBackbone, import_tensorrt
+    from engines.trt_runtime import EngineMismatch, MissingDependency, TrtBackbone, import_cudart, import_tensorrt
 
     try:
         import_tensorrt()
+        import_cudart()
     except MissingDependency as error:
         raise Skip(str(error).split(". ")[0]) from None
     engines = artifacts / f"engines-b{max_batch}-l{args.max_len}"
@@ -361,44 +366,48 @@ def versions() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engines.trt_runtime import Cuda
+
     args = parse_args(argv)
     command = "python -m bench.gpu" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
     started = time.monotonic()
     deadline = started + args.budget_min * 60
+    budget = f"--budget-min {args.budget_min:g} spent"
     header, bandwidth = [f"date: {today()}", f"software: {versions()}"], None
     try:
-        from engines.trt_runtime import Cuda, MissingDependency
-
         cuda = Cuda()
         name, capability = cuda.device()
         bandwidth = copy_bandwidth(cuda)
         header.insert(1, f"GPU: {name} (compute capability {capability}), device-to-device copy {bandwidth / 1e9:.0f} GB/s")
-        log(header[1])
-    except (MissingDependency, RuntimeError) as error:
-        header.insert(1, f"GPU: unknown, no bandwidth floor ({error})")
-        log(f"no CUDA device through cuda-python: {error}")
+    except RuntimeError as error:  # MissingDependency (no cuda-python) or a CUDA error (no device)
+        header.insert(1, f"GPU: unknown, so no bandwidth floor ({str(error).split('. ')[0]})")
+    log(header[1])
     header.append(f"context {args.context} positions, KV cache {args.max_len} rows, {DTYPE} weights")
     rows: list[Row] = []
     for size in args.sizes:
         try:
             if time.monotonic() > deadline:
-                raise Skip(f"skipped: --budget-min {args.budget_min:g} spent")
+                raise Skip(budget)
             log(f"{size}: preparing artifacts in {args.work / size}")
             artifacts = prepare_artifacts(size, args.work)
             manifest = Manifest.load(artifacts)
         except Skip as why:
-            rows += [Row(size, runtime, b, note=str(why)) for runtime in args.runtimes for b in args.batches]
+            rows += [Row(size, runtime, b, note=f"skipped: {why}") for runtime in args.runtimes for b in args.batches]
             continue
         for runtime in args.runtimes:
             try:
                 if time.monotonic() > deadline:
-                    raise Skip(f"skipped: --budget-min {args.budget_min:g} spent")
+                    raise Skip(budget)
                 rows += measure(size, runtime, artifacts, manifest, args, deadline)
+                continue
             except Skip as why:
-                log(f"{size} {runtime}: {why}")
-                rows += [Row(size, runtime, b, bytes_per_step=audio_step_bytes(manifest, b, args.context), note=str(why)) for b in args.batches]
-    total = time.monotonic() - started
-    header.append(f"total runtime: {total / 60:.1f} min")
+                note = f"skipped: {why}"
+            except Exception as error:  # one runtime failing must not cost the others' numbers
+                traceback.print_exc()
+                note = f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            log(f"{size} {runtime}: {note}")
+            rows += [Row(size, runtime, b, bytes_per_step=audio_step_bytes(manifest, b, args.context), note=note) for b in args.batches]
+    header.append(f"total runtime: {(time.monotonic() - started) / 60:.1f} min")
     if not args.no_doc:
         write_doc_section(DOC, GPU_HEADING, doc_body(rows, bandwidth, args, header, command))
         log(f"wrote the GPU section of {DOC}")

@@ -247,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"TensorRT {trt.__version__} on {gpu_name} (compute capability {capability}); {args.precision}, "
         f"max_batch {args.max_batch}, max_len {args.max_len}; graphs: {', '.join(graphs)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / ENGINES_JSON).unlink(missing_ok=True)  # a failed or interrupted build leaves no usable-looking directory
     logger = trt.Logger(trt.Logger.VERBOSE if args.verbose else trt.Logger.WARNING)
     cache_path = args.out / TIMING_CACHE
     builder = trt.Builder(logger)
-    timing_cache = builder.create_builder_config().create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    cache_config = builder.create_builder_config()  # the timing cache comes from a config; keep it for the run
+    timing_cache = cache_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     log(f"timing cache {cache_path} ({'reused' if cache_path.is_file() else 'new'})")
     monitor = progress_monitor(trt)
     entries, started_all = {}, time.monotonic()

@@ -110,6 +110,7 @@ class Engine:
         self._stop = threading.Event()
         self._drain = True
         self._closed = False
+        self._finish_listeners: list = []
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "graph_seconds": 0.0, "loop_seconds": 0.0, "audio_seconds": 0.0, "requests": 0}
 
@@ -129,7 +130,9 @@ class Engine:
             from .ort_runtime import OrtBackbone, providers_for
 
             device = runtime.split("-")[1]
-            backbone = OrtBackbone(manifest, max_batch=max_batch, max_len=max_len, device=device, threads=threads)
+            # on a GPU the prefill session would hold a third copy of the weights: prefill run by run instead
+            backbone = OrtBackbone(manifest, max_batch=max_batch, max_len=max_len, device=device, threads=threads,
+                                   prefill_graph=device == "cpu")
             providers = providers_for(device)
         elif runtime == "tensorrt":
             from .trt_runtime import TrtBackbone
@@ -187,6 +190,19 @@ class Engine:
             self._closed = True
             self.runtime.close()
 
+    def add_finish_listener(self, callback) -> None:
+        """callback(request, finished) runs on the engine thread as each request ends (metrics, tests)."""
+        self._finish_listeners.append(callback)
+
+    def active_requests(self) -> int:
+        """Requests holding a decode slot now."""
+        return len(self._active)
+
+    def _end(self, handle: Generation, finished: Finished) -> None:
+        for callback in self._finish_listeners:
+            callback(handle.request, finished)
+        handle.push(finished)
+
     # -- synchronous use (CLI, tests) ----------------------------------------------------------------
     def run_until_idle(self) -> None:
         while self.step():
@@ -225,7 +241,7 @@ class Engine:
             self._finish(seq, "cancelled", None)
         while not self._pending.empty():
             handle, _ = self._pending.get_nowait()
-            handle.push(Finished("cancelled", None, 0, 0, 0.0, error="server shutting down"))
+            self._end(handle, Finished("cancelled", None, 0, 0, 0.0, error="server shutting down"))
 
     def step(self) -> bool:
         """One iteration (admit, sample, feed). Returns False when there is nothing to do."""
@@ -273,13 +289,13 @@ class Engine:
         while self._free_slots and not self._pending.empty():
             handle, (prompt, max_tokens) = self._pending.get_nowait()
             if handle.cancelled:
-                handle.push(Finished("cancelled", None, 0, 0, 0.0))
+                self._end(handle, Finished("cancelled", None, 0, 0, 0.0))
                 continue
             try:
                 self._start(handle, prompt, max_tokens)
             except Exception as error:  # this request fails; the others go on
                 log.exception("request %s: prefill failed", handle.request.request_id)
-                handle.push(Finished("error", None, len(prompt.input_ids), 0, 0.0, error=str(error)))
+                self._end(handle, Finished("error", None, len(prompt.input_ids), 0, 0.0, error=str(error)))
 
     def _start(self, handle: Generation, prompt, max_tokens: int) -> None:
         slot = self._free_slots[0]
@@ -432,28 +448,20 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str, stop_reason, error: str | None = None) -> None:
         self._close_segment(seq)
-        seconds = seq.audio_samples / SAMPLE_RATE
-        self.stats["audio_seconds"] += seconds
-        seq.handle.push(
-            Finished(
-                reason,
-                stop_reason,
-                seq.prompt_tokens,
-                seq.steps,
-                seconds,
-                error=error,
-                segments=tuple(np.stack(columns, axis=1) for columns in seq.segments if columns),
-                text_ids=tuple(seq.text_ids),
-            )
-        )
-        del self._active[seq.slot]
+        del self._active[seq.slot]  # free the slot before anyone hears the request ended
         self._free_slots.append(seq.slot)
         self._free_slots.sort()
         seq.feed = None
+        seconds = seq.audio_samples / SAMPLE_RATE
+        self.stats["audio_seconds"] += seconds
         log.info(
             "request %s: %s after %d steps, %.2fs audio, %.2fs wall",
             seq.request.request_id, reason, seq.steps, seconds, time.monotonic() - seq.submitted_at,
         )
+        segments = tuple(np.stack(columns, axis=1) for columns in seq.segments if columns)
+        finished = Finished(reason, stop_reason, seq.prompt_tokens, seq.steps, seconds, error=error,
+                            segments=segments, text_ids=tuple(seq.text_ids))
+        self._end(seq.handle, finished)
 
 
 def _history(seq: _Sequence, num_codebooks: int) -> np.ndarray:
@@ -496,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--ras-window", type=int, default=7, help="repetition-aware sampling window (<= 0 disables)")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--max-tokens", type=int, default=1024, help="generation steps (one audio frame = 40 ms)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="generation steps, one audio frame = 40 ms (default: what fits)")
+    parser.add_argument("--max-len", type=int, default=2048, help="KV cache positions: prompt + reference audio + generated steps")
     parser.add_argument("--runtime", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt"])
     parser.add_argument("--stream", action="store_true", help="print each audio chunk as it is decoded")
     args = parser.parse_args(argv)
@@ -504,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.ref_audio is None) != (args.ref_text is None):
         parser.error("--ref-audio and --ref-text go together (the clip and its transcript)")
     try:
-        engine = Engine.from_artifacts(args.artifacts, runtime=args.runtime, max_batch=1, max_len=args.max_tokens + 2048)
+        engine = Engine.from_artifacts(args.artifacts, runtime=args.runtime, max_batch=1, max_len=args.max_len)
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -32,10 +32,12 @@ def providers_for(device: str) -> list:
     raise ValueError(f"unknown ONNX Runtime device {device!r} (cpu or cuda)")
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(device: str, threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # TensorScatter warns on every non-aliased call; we always alias
+    if device == "cuda":  # a node silently placed on the CPU would copy the whole cache every step
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if threads:
         options.intra_op_num_threads = threads
     return options
@@ -49,8 +51,8 @@ class _DeviceBuffer:
         if device == "cpu":
             self.host = np.zeros(shape, dtype)
             self.ptr = self.host.ctypes.data
-        else:
-            self.value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
+        else:  # zeroed: masked rows still enter the matmuls, and NaN garbage would survive a mask
+            self.value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), "cuda", 0)
             self.ptr = self.value.data_ptr()
         self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
 
@@ -62,16 +64,28 @@ class _DeviceBuffer:
 class OrtBackbone(BackboneRuntime):
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, max_batch: int = 8, max_len: int = 2048, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        max_batch: int = 8,
+        max_len: int = 2048,
+        device: str = "cpu",
+        threads: int | None = None,
+        prefill_graph: bool = True,
+    ):
+        """prefill_graph=False skips the prefill session (and, on a GPU, its copy of every weight);
+        prompts then go through `prefill_split`."""
         super().__init__(manifest, max_batch, max_len)
         if manifest.dtype not in _NP_DTYPES:
             raise ValueError(
                 f"ONNX Runtime runs float32 / float16 graphs; these are {manifest.dtype} (use TensorRT, or re-export with DTYPE=float16)"
             )
         self.device = device
-        options = session_options(threads)
+        options = session_options(device, threads)
         providers = providers_for(device)
-        self.sessions = {g: ort.InferenceSession(str(manifest.graph_path(g)), options, providers=providers) for g in GRAPHS}
+        graphs = GRAPHS if prefill_graph else tuple(g for g in GRAPHS if g != "prefill")
+        self.sessions = {g: ort.InferenceSession(str(manifest.graph_path(g)), options, providers=providers) for g in graphs}
+        self.has_prefill_graph = prefill_graph
         spec = self.spec
         cache_dtype = _NP_DTYPES[manifest.dtype]
         shape = (max_batch, spec.num_kv_heads, max_len, spec.head_dim)
@@ -80,7 +94,7 @@ class OrtBackbone(BackboneRuntime):
         ]
         self.text_logits = np.zeros((max_batch, spec.vocab_size), np.float32)
         self.audio_logits = np.zeros((max_batch, spec.num_codebooks, spec.codebook_stride), np.float32)
-        self._outputs = {g: [o.name for o in self.sessions[g].get_outputs() if o.name.endswith("_logits")] for g in GRAPHS}
+        self._outputs = {g: [o.name for o in session.get_outputs() if o.name.endswith("_logits")] for g, session in self.sessions.items()}
         self._step_bindings: dict[tuple[str, int, int], tuple[ort.IOBinding, dict[str, np.ndarray]]] = {}
 
     def _bind(self, graph: str, slot: int, inputs: dict[str, np.ndarray]) -> ort.IOBinding:

@@ -32,6 +32,7 @@ class BackboneRuntime(abc.ABC):
     """Runs the backbone graphs (`prefill`, `text`, `audio`) against a runtime-owned KV cache."""
 
     name = "abstract"
+    has_prefill_graph = True  # False when the deployment skipped it: prompts then run through prefill_split
 
     def __init__(self, manifest: Manifest, max_batch: int, max_len: int):
         if max_batch < 1 or max_len < 2:
@@ -72,6 +73,8 @@ class BackboneRuntime(abc.ABC):
         cache_length: int = 0,
     ) -> PromptLogits:
         """One prompt (T,) / (T, N) / (T,) into `slot` with the mixed graph; logits of its last position."""
+        if not self.has_prefill_graph:
+            return self.prefill_split(slot, input_ids, audio_codes, audio_mask, cache_length)
         length = len(input_ids)
         self._check_room(np.array([cache_length]), length)
         out = self.run(

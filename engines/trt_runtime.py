@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import Manifest
-from .runtime import BackboneRuntime, PromptLogits
+from .runtime import BackboneRuntime
 
 ENGINES_JSON = "engines.json"
 ENGINES_FORMAT = 1
@@ -206,6 +206,7 @@ class _Engine:
     logits: list[str]
     inputs: list[str]  # non-cache inputs
     prefill_context: object | None = None
+    prefill_config: object | None = None  # the runtime config the context was made from, kept alive with it
 
 
 @dataclasses.dataclass
@@ -213,6 +214,7 @@ class _Step:
     """A decode key's execution context (fixed shapes and addresses) and, once captured, its CUDA graph."""
 
     context: object
+    config: object  # the runtime config the context was made from, kept alive with it
     copies_in: list[tuple[int, int, int]]
     copies_out: list[tuple[int, int, int]]
     graph: object | None = None
@@ -263,6 +265,7 @@ class TrtBackbone(BackboneRuntime):
             self._logger = trt.Logger(trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._logger)
             self._engines = {g: self._load(engines_dir, g, entry) for g, entry in meta["graphs"].items()}
+            self.has_prefill_graph = "prefill" in self._engines
         except BaseException:
             self.close()
             raise
@@ -318,11 +321,12 @@ class TrtBackbone(BackboneRuntime):
             inputs=[v["name"] for v in graph_io["inputs"] if not v["name"].startswith("past_")],
         )
         if "prefill" in item.profiles:  # created now so its activation memory is claimed at startup
-            item.prefill_context = self._context(item, item.profiles["prefill"])
+            item.prefill_context, item.prefill_config = self._context(item, item.profiles["prefill"])
         return item
 
-    def _context(self, item: _Engine, profile: int):
-        """An execution context holding activation memory for one optimization profile only."""
+    def _context(self, item: _Engine, profile: int) -> tuple:
+        """An execution context holding activation memory for one optimization profile only, with
+        the runtime config it was made from (kept alive as long as the context)."""
         trt = self.trt
         config = item.engine.create_runtime_config()
         config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
@@ -330,7 +334,7 @@ class TrtBackbone(BackboneRuntime):
         if context is None:
             raise RuntimeError(f"TensorRT could not create an execution context for {item.name} (out of GPU memory?)")
         context.set_optimization_profile_async(profile, self.stream)
-        return context
+        return context, config
 
     # -- binding -------------------------------------------------------------------------------------
     def _bind(self, item: _Engine, context, slot: int, inputs: dict[str, np.ndarray]):
@@ -382,11 +386,15 @@ class TrtBackbone(BackboneRuntime):
         cuda.check(rt.cudaStreamBeginCapture(self.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
         try:
             self._enqueue(step.context, step.copies_in, step.copies_out)
+            failure = None
         except RuntimeError as error:
-            rt.cudaStreamEndCapture(self.stream)  # ends the (invalidated) capture; its error is the one above
-            self._disable_graphs(f"capturing a decode step failed: {error}")
+            failure = str(error)
+        err, graph = rt.cudaStreamEndCapture(self.stream)  # always end the capture, even an invalidated one
+        if failure is None and err != rt.cudaError_t.cudaSuccess:
+            failure = f"cudaStreamEndCapture returned {err}"
+        if failure is not None:  # the graph is NULL when capture failed
+            self._disable_graphs(f"capturing a decode step failed: {failure}")
             return None
-        graph = cuda.check(rt.cudaStreamEndCapture(self.stream))
         try:
             return cuda.check(rt.cudaGraphInstantiateWithFlags(graph, 0))
         except RuntimeError as error:
@@ -430,8 +438,8 @@ class TrtBackbone(BackboneRuntime):
         key = (item.name, slot, len(inputs["cache_lengths"]))
         step = self._steps.get(key)
         if step is None:
-            context = self._context(item, item.profiles["decode"])
-            step = _Step(context, *self._bind(item, context, slot, inputs))
+            context, config = self._context(item, item.profiles["decode"])
+            step = _Step(context, config, *self._bind(item, context, slot, inputs))
             self._enqueue(step.context, step.copies_in, step.copies_out)  # warm-up run (its results are returned)
             self._sync()
             if self.cuda_graphs:
@@ -446,12 +454,6 @@ class TrtBackbone(BackboneRuntime):
         else:
             self._enqueue(step.context, step.copies_in, step.copies_out)
         self._sync()
-
-    def prefill(self, slot, input_ids, audio_codes, audio_mask, cache_length: int = 0) -> PromptLogits:
-        """The mixed graph when its engine was built; otherwise the same result through text/audio runs."""
-        if "prefill" not in self._engines:
-            return self.prefill_split(slot, input_ids, audio_codes, audio_mask, cache_length)
-        return super().prefill(slot, input_ids, audio_codes, audio_mask, cache_length)
 
     # -- cache transfers (check_engine, tests) --------------------------------------------------------
     def _cache_host_dtype(self):

@@ -18,7 +18,8 @@ class Limits:
     max_input_chars: int = 4096  # all text of a request: target, transcripts, scene description
     max_messages: int = 32
     max_completion_tokens: int = 4096  # upper bound for max_completion_tokens (steps, §5.7)
-    default_max_tokens: int = 1024  # when the request names none: about 40 s of audio; fits a 2048 KV cache
+    default_max_tokens: int = 1024  # when the request names none: about 40 s of audio, or what fits in the
+    # KV cache beside the prompt when that is less (serve/app.py)
     max_body_bytes: int = 24 * 2**20  # checked before parsing; base64 inflates audio by 4/3
     max_reference_bytes: int = 16 * 2**20  # one encoded reference clip
     min_reference_seconds: float = 0.5

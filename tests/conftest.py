@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (goldens, fake_engine, ...)
+sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (goldens, serve_support, ...)
 
 from goldens import LLM_GOLDEN_DIRS  # noqa: E402
 

@@ -32,29 +32,22 @@ SEED_ALIAS = "boson-audio-multimodal-checkpoint-1200"
 
 
 class Recorder:
-    """Wraps one real engine's `submit`, `encode_reference` and `shutdown` (on the instance) to
-    record what the server asked and how each generation ended."""
+    """Wraps one real engine's `submit`, `encode_reference` and `shutdown` (on the instance) and
+    listens to it, to record what the server asked and how each generation ended."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.submitted: list[SpeechRequest] = []
         self.finished: dict[str, Finished] = {}  # request id -> the engine's last event
         self.encode_calls = 0
+        self.encoded: list[np.ndarray] = []  # the 24 kHz waveforms the codec encoder got
         self.shutdown_calls: list[bool] = []
         self._lock = threading.Lock()
         submit, encode, shutdown = engine.submit, engine.encode_reference, engine.shutdown
+        engine.add_finish_listener(self._record_finish)
 
         def recording_submit(request, loop=None):
             generation = submit(request, loop)  # raises QueueFull / ValueError: nothing recorded
-            push = generation.push
-
-            def recording_push(event):
-                if isinstance(event, Finished):
-                    with self._lock:
-                        self.finished[request.request_id] = event
-                push(event)
-
-            generation.push = recording_push  # the engine's first event is several decode steps away
             with self._lock:
                 self.submitted.append(request)
             return generation
@@ -62,6 +55,7 @@ class Recorder:
         def counting_encode(wave):
             with self._lock:
                 self.encode_calls += 1
+                self.encoded.append(np.array(wave))
             return encode(wave)
 
         def recording_shutdown(drain=True, timeout=None):
@@ -69,6 +63,11 @@ class Recorder:
             return shutdown(drain=drain, timeout=timeout)
 
         engine.submit, engine.encode_reference, engine.shutdown = recording_submit, counting_encode, recording_shutdown
+
+    def _record_finish(self, request: SpeechRequest, finished: Finished) -> None:
+        """Runs on the engine thread before the consumer sees the event."""
+        with self._lock:
+            self.finished[request.request_id] = finished
 
     def finished_with_prefix(self, prefix: str) -> Finished | None:
         """How the request whose id starts with `prefix` (the client's X-Request-Id) ended, if it has."""

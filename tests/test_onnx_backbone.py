@@ -123,7 +123,7 @@ def test_split_prefill_equals_the_prefill_graph(tiny_artifacts):
         assert np.abs(a.cache_view(layer, "value")[:, :, :length] - b.cache_view(layer, "value")[:, :, :length]).max() <= 1e-5
 
 
-FP16_ATOL = 0.05  # documented in README: fp16 graphs vs the float32 reference, logits of magnitude ~10
+FP16_ATOL = 1e-2  # README: fp16 graphs vs the float32 reference (measured 1.6e-3 on logits up to ~8)
 
 
 def test_float16_graphs_run_and_agree(tmp_path_factory, tiny_checkpoint, reference):
