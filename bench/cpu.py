@@ -66,7 +66,7 @@ class Config:
     # section 4: codec
     codec_sizes: tuple[str, ...] = ("tiny", "real")
     codec_audio_seconds: tuple[tuple[str, float], ...] = (("tiny", 10.0), ("real", 4.0))
-    codec_rounds: int = 3
+    codec_rounds: int = 5
 
     @classmethod
     def make(cls, quick: bool, threads: int = 0) -> "Config":
@@ -244,6 +244,67 @@ def _calibrate(fn: Callable[[], object], block_seconds: float, lo: int = 3, hi: 
     return int(min(hi, max(lo, block_seconds / one)))
 
 
+# --- where ORT loses: per-op profile ------------------------------------------------------------------
+
+
+def profile_ort_ops(
+    session_path, options, run_steps: Callable[[object], int | None], top: int = 3
+) -> list[tuple[str, float, str]]:
+    """Profile a graph with ORT's enable_profiling: [(op type, ms, largest node's shapes)] for the
+    `top` op types by kernel time, then ("kernels", ms, "") and ("session.run", ms, ""), all per
+    counted run. `options` are the SessionOptions the benchmarked session used. `run_steps(session)`
+    runs the graph with the profiling session and returns how many leading runs are warm-up (not
+    counted; None = the first run when there are several, which pays the allocations)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(session_path), options, providers=["CPUExecutionProvider"])
+        warm = run_steps(session)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    model_runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if warm is None:
+        warm = 1 if len(model_runs) > 1 else 0
+    warm = min(warm, max(0, len(model_runs) - 1))
+    skip_until = model_runs[warm - 1][1] if warm else float("-inf")
+    counted = model_runs[warm:]
+    runs = max(1, len(counted))
+    by_op: dict[str, float] = {}
+    biggest: dict[str, tuple[float, str]] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e.get("ts", 0) <= skip_until:
+            continue
+        op, dur = e["args"].get("op_name", "?"), float(e.get("dur", 0))
+        by_op[op] = by_op.get(op, 0.0) + dur
+        shapes = " -> ".join(
+            ", ".join(str(list(d.values())[0]) for d in e["args"].get(key, []) if d)
+            for key in ("input_type_shape", "output_type_shape")
+        )
+        if dur > biggest.get(op, (0.0, ""))[0]:
+            biggest[op] = (dur, shapes)
+    ranked = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+    out = [(op, us / runs / 1e3, biggest[op][1]) for op, us in ranked]
+    session_us = sum(end - start for start, end in counted)
+    return out + [("kernels", sum(by_op.values()) / runs / 1e3, ""), ("session.run", session_us / runs / 1e3, "")]
+
+
+class _CountingSession:
+    """Session proxy counting run() calls (to tell warm-up runs from measured ones)."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
 # --- section 1: ORT vs torch decode steps -------------------------------------------------------------
 
 
@@ -318,6 +379,8 @@ def section_steps(ws: Workspace, cfg: Config, log: Log) -> Section:
                     log(f"steps: {size} {graph} b{batch} {threads}t: torch {fmt_ms(t)} ms "
                         f"(spread {spread(times['torch']):.0%}), ORT {fmt_ms(o)} ms (spread {spread(times['ort']):.0%}), "
                         f"torch/ORT {fmt_ratio(r)}")
+                    if r is not None and r < 1.0:
+                        section.notes.append(_explain_slower(size, graph, batch, threads, t, o, runtime, model, spec))
                     rows.append([size, graph, batch, threads, fmt_ms(t), fmt_ms(o), fmt_ratio(r),
                                  f"{spread(times['torch']):.0%} / {spread(times['ort']):.0%}", f"{diff:.1e}"])
                     section.summary.append((f"{size} {graph} step b{batch}, {threads} thread{'s' if threads > 1 else ''}: torch/ORT",
@@ -327,7 +390,7 @@ def section_steps(ws: Workspace, cfg: Config, log: Log) -> Section:
     torch.set_num_threads(cfg.cores())
     section.table(
         "ms per decode step (median of interleaved rounds)",
-        ["config", "graph", "batch", "threads", "torch ms", "ORT ms", "torch/ORT", "spread t / o", "max |dlogits|"],
+        ["config", "graph", "batch", "threads", "torch ms", "ORT ms", "torch/ORT", "spread t / o", "max abs dlogits"],
         rows,
     )
     section.notes.append(
@@ -339,6 +402,44 @@ def section_steps(ws: Workspace, cfg: Config, log: Log) -> Section:
         "median over the rounds"
     )
     return section
+
+
+def _explain_slower(size, graph, batch, threads, torch_s, ort_s, runtime, model, spec) -> str:
+    """ORT lost to torch on this row: profile the ORT graph per op and time torch's output head alone."""
+    import torch
+
+    name = {"audio": "audio_codes", "text": "input_ids"}[graph]
+    feed = np.zeros((batch, 1, spec.num_codebooks), np.int64) if graph == "audio" else np.zeros((batch, 1), np.int64)
+    path = runtime.manifest.graph_path(graph)
+
+    def run_steps(session):
+        original = runtime.sessions[graph]
+        runtime.sessions[graph] = session
+        runtime._step_bindings.clear()  # bindings belong to a session
+        try:
+            for _ in range(30):
+                runtime.run(graph, 0, {name: feed, "cache_lengths": np.full(batch, 200, np.int64),
+                                       "last_index": np.zeros(batch, np.int64)})
+        finally:
+            runtime.sessions[graph] = original
+            runtime._step_bindings.clear()
+
+    try:
+        from engines.ort_runtime import session_options
+
+        ops = profile_ort_ops(path, session_options("cpu", threads), run_steps)
+    except Exception as error:  # profiling is a diagnosis, not a result
+        return f"{size} {graph} b{batch} {threads}t: ORT slower than torch; profiling failed: {error}"
+    head = model.text_head if graph == "text" else model.audio_head
+    hidden = torch.zeros(batch, spec.hidden_size)
+    with torch.inference_mode():
+        head_s = _time_block(lambda: head(hidden), 50)
+    parts = ", ".join(f"{op} {ms:.2f} ms" + (f" (largest node {shapes})" if shapes and i == 0 else "")
+                      for i, (op, ms, shapes) in enumerate(ops[:-2]))
+    return (f"ORT is slower than torch for {size} {graph} b{batch} with {threads} thread(s) "
+            f"({fmt_ms(ort_s)} vs {fmt_ms(torch_s)} ms). ORT profile per run: {parts}; all kernels {ops[-2][1]:.2f} ms "
+            f"of {ops[-1][1]:.2f} ms in session.run. "
+            f"torch's {graph} head alone (F.linear): {fmt_ms(head_s)} ms.")
 
 
 # --- section 2: export time / peak RAM, load, weights ------------------------------------------------
@@ -370,11 +471,13 @@ def section_export(ws: Workspace, cfg: Config, log: Log) -> Section:
     log(f"export: loading {size} with load_backbone (bfloat16) in a child process")
     load = ws.child(f"load-{size}", ["-m", "bench._child", "load", str(ckpt), "bfloat16"])
     info = _result(load)
-    load_rows = [[size, "bfloat16", f"{info.get('seconds', float('nan')):.1f}", f"{load.seconds:.1f}",
-                  fmt_bytes(load.peak_rss), fmt_bytes(load.peak_rss_sampled), fmt_bytes(info.get("parameter_bytes")),
-                  fmt_bytes(ckpt_bytes)]]
-    section.summary.append((f"load_backbone {size} bf16: peak RSS / checkpoint size",
-                            fmt_ratio(ratio(load.peak_rss, ckpt_bytes))))
+    after_load, after_touch = info.get("rss_after_load", {}), info.get("rss_after_touch", {})
+    load_rows = [[size, "bfloat16", f"{info.get('seconds', float('nan')):.1f}", f"{info.get('touch_seconds', float('nan')):.2f}",
+                  fmt_bytes(after_load.get("VmRSS")), f"{fmt_bytes(after_touch.get('RssAnon'))} / {fmt_bytes(after_touch.get('RssFile'))}",
+                  fmt_bytes(load.peak_rss), fmt_bytes(info.get("parameter_bytes")), fmt_bytes(ckpt_bytes)]]
+    section.summary.append((f"load_backbone {size} bf16: seconds, peak RSS (after touching every weight)",
+                            f"{info.get('seconds', float('nan')):.1f} s, {fmt_bytes(load.peak_rss)} "
+                            f"(anon {fmt_bytes(after_touch.get('RssAnon'))}, file-backed {fmt_bytes(after_touch.get('RssFile'))})"))
 
     export_rows, graph_rows = [], []
     for dtype in cfg.export_dtypes:
@@ -399,14 +502,15 @@ def section_export(ws: Workspace, cfg: Config, log: Log) -> Section:
                                 f"{result.seconds:.0f} s, {fmt_bytes(result.peak_rss)}"))
         shutil.rmtree(out, ignore_errors=True)  # several GB each
     section.table(
-        "export (python -m export, float32 -> dtype)",
+        "export (python -m export --checkpoint CKPT --out DIR --dtype D, child process)",
         ["checkpoint", "dtype", "wall s", "prefill / text / audio s", "peak RSS", "peak RSS (sampled)", "weights.bin",
          "checkpoint", "weights/ckpt", "*.onnx"],
         export_rows,
     )
     section.table(
-        "load (export.llm.load_backbone in a child process)",
-        ["checkpoint", "dtype", "load s", "child wall s", "peak RSS", "peak RSS (sampled)", "parameters", "checkpoint"],
+        "load (export.llm.load_backbone in a child process, then one read of every weight page)",
+        ["checkpoint", "dtype", "load s", "touch s", "RSS after load", "RSS after touch: anon / file", "peak RSS",
+         "parameters", "checkpoint"],
         load_rows,
     )
     section.table(
@@ -423,6 +527,12 @@ def section_export(ws: Workspace, cfg: Config, log: Log) -> Section:
         "wait4/RUSAGE_CHILDREN ru_maxrss: Linux starts a child's ru_maxrss from the parent's high-water mark. "
         "Memory-mapped checkpoint pages count as RSS. The checkpoint was just written, so it is read from the page "
         "cache (warm)."
+    )
+    section.notes.append(
+        "load_backbone leaves bf16 weights memory-mapped from the safetensors files (file-backed pages, reclaimable "
+        "page cache, shared with other readers of the same files) when they are already in the compute dtype, so "
+        "'load s' is mostly metadata; the touch pass faults every page in, which is what the first forward pass or an "
+        "export pays. anon = the process's own heap (torch runtime + anything converted)."
     )
     if size != "v2-3b":
         section.notes.append(f"only the {size} checkpoint was measured; nothing is extrapolated to the 3B here")
@@ -526,7 +636,7 @@ def _run_requests(engine, requests) -> dict:
 
 
 SPIN_KEY = "session.intra_op.allow_spinning"
-VARIANTS = {"spin": "ORT defaults (intra-op threads spin)", "nospin": f"{SPIN_KEY}=0 (backbone + codec sessions)"}
+VARIANTS = {"spin": f"{SPIN_KEY}=1 (ORT's default)", "nospin": f"{SPIN_KEY}=0 (the engine's setting)"}
 
 
 def _cpu_session(path, threads: int | None, spinning: bool):
@@ -534,20 +644,17 @@ def _cpu_session(path, threads: int | None, spinning: bool):
 
     from engines.ort_runtime import session_options
 
-    options = session_options(threads)
-    if not spinning:
-        options.add_session_config_entry(SPIN_KEY, "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options("cpu", threads, spinning), providers=["CPUExecutionProvider"])
 
 
 def _ort_runtime(manifest, batch: int, max_len: int, threads: int, spinning: bool):
-    """OrtBackbone as the engine builds it; with spinning off, its sessions are rebuilt with the same
-    options plus allow_spinning=0 (before any call, so no IO binding refers to the old ones)."""
+    """OrtBackbone as the engine builds it; for the spinning variant its sessions are rebuilt with
+    allow_spinning=1 (before any call, so no IO binding refers to the old ones)."""
     from engines.ort_runtime import GRAPHS, OrtBackbone
 
     runtime = OrtBackbone(manifest, max_batch=batch, max_len=max_len, threads=threads)
-    if not spinning:
-        runtime.sessions = {g: _cpu_session(manifest.graph_path(g), threads, False) for g in GRAPHS}
+    if spinning:
+        runtime.sessions = {g: _cpu_session(manifest.graph_path(g), threads, True) for g in GRAPHS}
     return runtime
 
 
@@ -555,8 +662,8 @@ def _codec_decoder(path, spinning: bool):
     from engines.codec import CodecDecoder
 
     decoder = CodecDecoder(path, ["CPUExecutionProvider"])
-    if not spinning:
-        decoder.session = _cpu_session(path, None, False)
+    if spinning:
+        decoder.session = _cpu_session(path, None, True)
     return _TimedDecoder(decoder)
 
 
@@ -713,6 +820,55 @@ def _test_wave(seconds: float, sample_rate: int = 24000) -> np.ndarray:
     return wave.astype(np.float32)
 
 
+def profile_torch_ops(fn: Callable[[], object], top: int = 3) -> list[tuple[str, float]]:
+    """[(aten op, self CPU ms)] of one call, the `top` ops by self time, plus ("total", ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    averages = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    ranked = sorted(averages, key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in averages) / 1e3
+    return [(e.key, e.self_cpu_time_total / 1e3) for e in ranked[:top]] + [("total", total)]
+
+
+def _explain_codec(size: str, name: str, torch_fn, ort_holder, path, run_ort, audio_s: float) -> str:
+    """ORT lost to torch on a codec row: per-op profiles of both for one warm call, per audio second."""
+    import onnxruntime as ort
+
+    def run_steps(session):
+        original = ort_holder.session
+        counting = ort_holder.session = _CountingSession(session)
+        try:
+            run_ort()  # warm-up call, not counted (the first runs of a session allocate)
+            warm = counting.runs
+            run_ort()
+        finally:
+            ort_holder.session = original
+        counted = counting.runs - warm
+        calls.append(counted)
+        return warm
+
+    calls: list[int] = []
+    try:
+        ort_ops = profile_ort_ops(path, ort.SessionOptions(), run_steps, top=3)
+        torch_ops = profile_torch_ops(torch_fn)
+    except Exception as error:  # a diagnosis, not a result
+        return f"{size} codec {name}: ORT slower than torch; profiling failed: {error}"
+    n = calls[0] if calls else 1
+
+    def per_second(ms):  # ORT numbers are per session.run; one call made n of them
+        return ms * n / audio_s
+
+    ort_parts = ", ".join(f"{op} {per_second(ms):.0f}" + (f" [largest: {shapes}]" if shapes else "")
+                          for op, ms, shapes in ort_ops[:-2])
+    torch_parts = ", ".join(f"{op} {ms / audio_s:.0f}" for op, ms in torch_ops[:-1])
+    return (f"{size} codec {name}: ORT is slower than torch. Per-op profile of one warm call, ms per audio second "
+            f"({n} session.run): ORT {ort_parts}; kernels {per_second(ort_ops[-2][1]):.0f} of "
+            f"{per_second(ort_ops[-1][1]):.0f} in session.run. torch self time: {torch_parts}; all aten ops "
+            f"{torch_ops[-1][1] / audio_s:.0f}.")
+
+
 def section_codec(ws: Workspace, cfg: Config, log: Log) -> Section:
     import torch
 
@@ -741,6 +897,9 @@ def section_codec(ws: Workspace, cfg: Config, log: Log) -> Section:
             return f"{float(np.max(np.abs(np.asarray(a) - np.asarray(b)))):.1e}"
 
         cases["decode one-shot"] = (lambda: torch_dec.decode(codes), lambda: ort_dec.decode(codes), close)
+        explain = {"decode one-shot": (ort_dec, graphs / "codec_decoder.onnx", lambda: ort_dec.decode(codes))}
+        explain[f"decode streaming ({stream_frames}-frame chunks)"] = (
+            ort_dec, graphs / "codec_decoder.onnx", lambda: _stream(ort_dec, codes, stream_frames))
         cases[f"decode streaming ({stream_frames}-frame chunks)"] = (
             lambda: _stream(torch_dec, codes, stream_frames), lambda: _stream(ort_dec, codes, stream_frames), close)
         if (graphs / "codec_encoder.onnx").is_file():
@@ -752,6 +911,7 @@ def section_codec(ws: Workspace, cfg: Config, log: Log) -> Section:
                 with torch.inference_mode():
                     return codec.encode(t_wave).numpy()
 
+            explain["encode"] = (ort_enc, graphs / "codec_encoder.onnx", lambda: ort_enc.encode(wave))
             cases["encode"] = (torch_encode, lambda: ort_enc.encode(wave), lambda a, b: f"{float(np.mean(np.asarray(a) == np.asarray(b))):.1%} codes equal")
         else:
             reason = listing.get("codec_encoder_error", "codec_encoder.onnx was not exported")
@@ -760,13 +920,17 @@ def section_codec(ws: Workspace, cfg: Config, log: Log) -> Section:
             agreement = compare(torch_fn(), ort_fn())  # also the warm-up
             times = interleaved({"torch": lambda: _time_block(torch_fn, 1, warm=False), "ort": lambda: _time_block(ort_fn, 1, warm=False)}, cfg.codec_rounds)
             t, o = median(times["torch"]) / audio_s, median(times["ort"]) / audio_s
-            rows.append([size, name, f"{audio_s:.0f}", fmt_ms(t, 0), fmt_ms(o, 0), fmt_ratio(ratio(t, o)), agreement])
+            rows.append([size, name, f"{audio_s:.0f}", fmt_ms(t, 0), fmt_ms(o, 0), fmt_ratio(ratio(t, o)),
+                         f"{spread(times['torch']):.0%} / {spread(times['ort']):.0%}", agreement])
+            if ratio(t, o) is not None and ratio(t, o) < 1.0:
+                holder, path, run_ort = explain[name]
+                section.notes.append(_explain_codec(size, name, torch_fn, holder, path, run_ort, audio_s))
             log(f"codec: {size} {name}: torch {fmt_ms(t, 0)} ms/s, ORT {fmt_ms(o, 0)} ms/s, torch/ORT {fmt_ratio(ratio(t, o))}")
             section.summary.append((f"{size} codec {name}: torch/ORT (ORT ms per audio s)", f"{fmt_ratio(ratio(t, o))} ({fmt_ms(o, 0)})"))
         del codec
     section.table(
         f"ms of compute per second of audio (median of {cfg.codec_rounds} interleaved rounds)",
-        ["codec", "what", "audio s", "torch ms/s", "ORT ms/s", "torch/ORT", "agreement"],
+        ["codec", "what", "audio s", "torch ms/s", "ORT ms/s", "torch/ORT", "spread t / o", "agreement"],
         rows,
     )
     section.notes.append(

@@ -135,10 +135,14 @@ def _session(onnx_path: str | Path, providers: list | None):
     """ORT session; by default CUDA when this onnxruntime has it, else CPU (the codec graphs are fp32)."""
     import onnxruntime as ort
 
+    from .ort_runtime import session_options
+
     if providers is None:
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(onnx_path), providers=providers)
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    device = "cuda" if first == "CUDAExecutionProvider" else "cpu"
+    return ort.InferenceSession(str(onnx_path), session_options(device), providers=providers)
 
 
 def _metadata(session, onnx_path) -> dict:

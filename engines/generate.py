@@ -249,15 +249,13 @@ class Engine:
         self._admit()
         if not self._active:
             return False
-        graph_seconds = 0.0
         for seq in list(self._active.values()):
             if seq.handle.cancelled:
                 log.info("request %s cancelled by the client after %d steps", seq.request.request_id, seq.steps)
                 self._finish(seq, "cancelled", None)
-        self._decide([s for s in self._active.values()])
-        graph_seconds += self._feed()
+        self._decide(list(self._active.values()))
+        self.stats["graph_seconds"] += self._feed()
         self.stats["steps"] += 1
-        self.stats["graph_seconds"] += graph_seconds
         self.stats["loop_seconds"] += time.perf_counter() - started
         return True
 

@@ -32,12 +32,15 @@ def providers_for(device: str) -> list:
     raise ValueError(f"unknown ONNX Runtime device {device!r} (cpu or cuda)")
 
 
-def session_options(device: str, threads: int | None = None) -> ort.SessionOptions:
+def session_options(device: str = "cpu", threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
+    """Shared by every session of the engine. Spinning is off: the backbone's and the codec's intra-op
+    threads would otherwise busy-wait against each other (measured 1.2-1.7x faster decode loop on 2 cores)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # TensorScatter warns on every non-aliased call; we always alias
     if device == "cuda":  # a node silently placed on the CPU would copy the whole cache every step
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads:
         options.intra_op_num_threads = threads
     return options
