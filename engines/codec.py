@@ -177,6 +177,33 @@ class CodecDecoder:
         return audio[0, 0] if codes.ndim == 2 else audio[:, 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeWindow:
+    """Code frames to decode and the samples of the result that are final (the rest is context)."""
+
+    codes: np.ndarray  # (n_q, W) int64
+    keep_from: int  # first final sample of the decoded window
+    keep_to: int
+
+    @property
+    def samples(self) -> int:
+        return self.keep_to - self.keep_from
+
+
+def decode_windows(decoder: CodecDecoder, windows: list[DecodeWindow]) -> list[np.ndarray]:
+    """Final PCM of each window. Windows of equal length share one batched graph call: many streams
+    cost one decode per step instead of one each, and no padding ever changes a sample."""
+    out: list[np.ndarray | None] = [None] * len(windows)
+    by_length: dict[int, list[int]] = {}
+    for index, window in enumerate(windows):
+        by_length.setdefault(window.codes.shape[1], []).append(index)
+    for indices in by_length.values():
+        audio = decoder.decode(np.stack([windows[i].codes for i in indices]))
+        for row, i in enumerate(indices):
+            out[i] = audio[row, windows[i].keep_from : windows[i].keep_to]
+    return out
+
+
 class StreamingDecoder:
     """Chunked decode whose concatenated output equals the one-shot decode (spec §6.3).
 
@@ -184,7 +211,9 @@ class StreamingDecoder:
     `context` later frames have arrived. Each decode covers only the new final frames plus
     `context` frames on each side, so the cost per chunk does not grow with the history.
     `min_frames` batches later chunks (fewer, larger decodes); the first chunk is emitted as soon
-    as one frame is final.
+    as one frame is final. `plan_push` / `plan_flush` return the window to decode instead of
+    decoding it, so a caller running many streams can decode their windows together
+    (`decode_windows`); `push` / `flush` decode one stream's window right away.
     """
 
     def __init__(self, decoder: CodecDecoder, context: int | None = None, min_frames: int = 1):
@@ -199,8 +228,8 @@ class StreamingDecoder:
         self._received = 0
         self._emitted = 0
 
-    def push(self, frames: np.ndarray) -> np.ndarray:
-        """Add code frames (n_q, k); return the PCM (float32) that became final, possibly empty."""
+    def plan_push(self, frames: np.ndarray) -> DecodeWindow | None:
+        """Add code frames (n_q, k); the window whose decode yields the PCM that became final, if any."""
         frames = np.asarray(frames, dtype=np.int64)
         if frames.ndim != 2 or frames.shape[0] != self.decoder.num_quantizers:
             raise ValueError(f"push expects (n_q={self.decoder.num_quantizers}, k) codes, got {frames.shape}")
@@ -208,27 +237,35 @@ class StreamingDecoder:
         self._received += frames.shape[1]
         final = self._received - self.context
         needed = 1 if self._emitted == 0 else self.min_frames
-        if final - self._emitted < needed:
-            return np.zeros(0, dtype=np.float32)
-        return self._emit(final)
+        return self._window(final) if final - self._emitted >= needed else None
+
+    def plan_flush(self) -> DecodeWindow | None:
+        """The window of the remaining frames (the last `context` decode with the sequence edge); resets."""
+        window = self._window(self._received) if self._received > self._emitted else None
+        self._reset()
+        return window
+
+    def push(self, frames: np.ndarray) -> np.ndarray:
+        """Add code frames (n_q, k); return the PCM (float32) that became final, possibly empty."""
+        return self._decode(self.plan_push(frames))
 
     def flush(self) -> np.ndarray:
-        """Return the remaining PCM (the last `context` frames decode with the sequence edge) and reset."""
-        out = self._emit(self._received) if self._received > self._emitted else np.zeros(0, np.float32)
-        self._reset()
-        return out
+        """Return the remaining PCM and reset."""
+        return self._decode(self.plan_flush())
 
-    def _emit(self, end: int) -> np.ndarray:
+    def _decode(self, window: DecodeWindow | None) -> np.ndarray:
+        return decode_windows(self.decoder, [window])[0] if window else np.zeros(0, np.float32)
+
+    def _window(self, end: int) -> DecodeWindow:
         lo = max(0, self._emitted - self.context)
         hi = min(self._received, end + self.context)
-        audio = self.decoder.decode(self._codes[:, lo - self._start : hi - self._start])
         hop = self.decoder.hop_length
-        out = audio[(self._emitted - lo) * hop : (end - lo) * hop]
+        window = DecodeWindow(self._codes[:, lo - self._start : hi - self._start], (self._emitted - lo) * hop, (end - lo) * hop)
         self._emitted = end
         keep_from = max(0, end - self.context)  # left context of the next chunk
         self._codes = self._codes[:, keep_from - self._start :]
         self._start = keep_from
-        return out
+        return window
 
 
 class CodecEncoder:

@@ -40,7 +40,7 @@ from .api import (
     SpeechRequest,
     TextDelta,
 )
-from .codec import CodecDecoder, CodecEncoder, StreamingDecoder
+from .codec import CodecDecoder, CodecEncoder, DecodeWindow, StreamingDecoder, decode_windows
 from .delay import AudioSegmentState, FrameAssembler
 from .manifest import Manifest, ModelSpec
 from .prompt import PromptRenderer, StopMatcher, expand_prompt, tts_messages
@@ -75,6 +75,7 @@ class _Sequence:
     audio_samples: int = 0
     audio_ended: bool = False  # the latest audio segment ended by itself (stream EOS)
     feed: tuple[str, object] | None = None  # ("audio", column) or ("text", token id)
+    outbox: list = dataclasses.field(default_factory=list)  # this step's events and codec windows, in order
     submitted_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
@@ -111,6 +112,7 @@ class Engine:
         self._drain = True
         self._closed = False
         self._finish_listeners: list = []
+        self._outboxes: list[_Sequence] = []  # sequences with something to deliver at the end of the step
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "graph_seconds": 0.0, "loop_seconds": 0.0, "audio_seconds": 0.0, "requests": 0}
 
@@ -237,8 +239,10 @@ class Engine:
                 log.exception("engine step failed")
                 for seq in list(self._active.values()):
                     self._finish(seq, "error", None, error=str(error))
+                self._deliver(decode=False)
         for seq in list(self._active.values()):
             self._finish(seq, "cancelled", None)
+        self._deliver()
         while not self._pending.empty():
             handle, _ = self._pending.get_nowait()
             self._end(handle, Finished("cancelled", None, 0, 0, 0.0, error="server shutting down"))
@@ -254,6 +258,7 @@ class Engine:
                 log.info("request %s cancelled by the client after %d steps", seq.request.request_id, seq.steps)
                 self._finish(seq, "cancelled", None)
         self._decide(list(self._active.values()))
+        self._deliver()
         self.stats["graph_seconds"] += self._feed()
         self.stats["steps"] += 1
         self.stats["loop_seconds"] += time.perf_counter() - started
@@ -375,7 +380,7 @@ class Engine:
         if token != spec.audio_out_token_id or new_segment:  # upstream's compressed text id list
             seq.text_ids.append(token)
             if token not in (spec.audio_out_token_id, spec.audio_eos_token_id):
-                seq.handle.push(TextDelta((token,)))
+                self._post(seq, TextDelta((token,)))
             matched = seq.stop.push(token)
             if matched is not None:
                 self._finish(seq, "stop", spec.stream_eos_id if seq.audio_ended else matched)
@@ -426,23 +431,46 @@ class Engine:
             seq.feed = None
         return time.perf_counter() - started
 
-    # -- audio out ------------------------------------------------------------------------------------
+    # -- audio out and event delivery -------------------------------------------------------------------
+    def _post(self, seq: _Sequence, item) -> None:
+        """Queue an event or a codec window for the end of this step (keeps each request's order)."""
+        if not seq.outbox:
+            self._outboxes.append(seq)
+        seq.outbox.append(item)
+
+    def _plan(self, seq: _Sequence, window: DecodeWindow | None) -> None:
+        if window is not None:
+            seq.audio_samples += window.samples
+            self._post(seq, window)
+
     def _stream(self, seq: _Sequence, frames: np.ndarray) -> None:
         if frames.shape[1] and seq.streamer is not None:
-            self._push_pcm(seq, seq.streamer.push(frames))
-
-    def _push_pcm(self, seq: _Sequence, pcm: np.ndarray) -> None:
-        if pcm.size:
-            seq.audio_samples += pcm.size
-            seq.handle.push(AudioChunk(pcm))
+            self._plan(seq, seq.streamer.plan_push(frames))
 
     def _close_segment(self, seq: _Sequence) -> None:
         if seq.assembler is None:
             return
         if seq.streamer is not None:  # the assembler has released every frame already
-            self._push_pcm(seq, seq.streamer.flush())
+            self._plan(seq, seq.streamer.plan_flush())
         seq.assembler = None
         seq.segment_state = None
+
+    def _deliver(self, decode: bool = True) -> None:
+        """Decode every window of this step in batched codec calls, then push each request's events in order."""
+        windows = [item for seq in self._outboxes for item in seq.outbox if isinstance(item, DecodeWindow)]
+        pcm = iter(decode_windows(self.codec, windows) if decode and windows else [None] * len(windows))
+        for seq in self._outboxes:
+            for item in seq.outbox:
+                if isinstance(item, DecodeWindow):
+                    chunk = next(pcm)
+                    if chunk is not None and chunk.size:
+                        seq.handle.push(AudioChunk(chunk))
+                elif isinstance(item, Finished):
+                    self._end(seq.handle, item)
+                else:
+                    seq.handle.push(item)
+            seq.outbox = []
+        self._outboxes = []
 
     def _finish(self, seq: _Sequence, reason: str, stop_reason, error: str | None = None) -> None:
         self._close_segment(seq)
@@ -459,7 +487,7 @@ class Engine:
         segments = tuple(np.stack(columns, axis=1) for columns in seq.segments if columns)
         finished = Finished(reason, stop_reason, seq.prompt_tokens, seq.steps, seconds, error=error,
                             segments=segments, text_ids=tuple(seq.text_ids))
-        self._end(seq.handle, finished)
+        self._post(seq, finished)
 
 
 def _history(seq: _Sequence, num_codebooks: int) -> np.ndarray:

@@ -82,7 +82,9 @@ def test_seed_makes_a_request_reproducible_whatever_the_batch(engine):
                 say("Another.", sampling=SamplingParams(seed=2)))
     together, b = batch[1]
     assert a.text_ids == b.text_ids and all(np.array_equal(x, y) for x, y in zip(a.segments, b.segments))
-    assert np.array_equal(alone, together)
+    # codes are identical; the codec decodes windows of several requests in one batched call, whose
+    # convolution arithmetic may move a sample by ~1e-8 (far below one PCM16 step, 3e-5)
+    assert alone.shape == together.shape and np.abs(alone - together).max() <= 1e-6
     (_, c), = run(engine, say("Reproducible speech.", sampling=SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=12)))
     assert any(not np.array_equal(x, y) for x, y in zip(a.segments, c.segments)) or len(a.segments[0][0]) != len(c.segments[0][0])
 
