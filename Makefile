@@ -9,7 +9,8 @@ STAMP    := $(VENV)/.installed-dev
 # The embedded tiny default: generated deterministically by export/tiny.py, never downloaded.
 TINY       := build/tiny
 CHECKPOINT ?= $(TINY)/llm
-CODEC      ?= $(TINY)/codec
+# a real checkpoint never silently gets the tiny codec: CODEC defaults to it only for the tiny LLM
+CODEC      ?= $(if $(filter $(TINY)/%,$(CHECKPOINT)),$(TINY)/codec)
 ARTIFACTS  ?= build/tiny-onnx
 OUT        ?= $(ARTIFACTS)
 DTYPE      ?= float32
@@ -30,7 +31,7 @@ help:
 	@echo "make test      set up and run the test suite"
 	@echo "make export    CHECKPOINT=DIR CODEC=DIR OUT=DIR [DTYPE=float32|float16|bfloat16]"
 	@echo "make verify    CHECKPOINT=DIR GOLDEN=FILE [ARTIFACTS=DIR]"
-	@echo "make check-onnx ARTIFACTS=DIR CHECKPOINT=DIR   polygraphy: ONNX Runtime vs torch reference"
+	@echo "make check-onnx ARTIFACTS=DIR [CHECKPOINT=DIR] polygraphy: ONNX Runtime vs torch reference (default: the exported checkpoint)"
 	@echo "make engine    ARTIFACTS=DIR [PRECISION=fp16|bf16|fp32] [MAX_BATCH=..] [MAX_LEN=..] [NO_PREFILL=1]"
 	@echo "make check-engine ARTIFACTS=DIR                polygraphy: TensorRT vs ONNX Runtime"
 	@echo "make generate  ARTIFACTS=DIR TEXT='...' WAV=out.wav"
@@ -61,14 +62,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 export: $(STAMP) $(if $(filter $(TINY)/%,$(CHECKPOINT)),$(TINY)/.done)
-	$(PY) -m export --checkpoint $(CHECKPOINT) --codec $(CODEC) --out $(OUT) --dtype $(DTYPE)
+	$(PY) -m export --checkpoint $(CHECKPOINT) $(if $(CODEC),--codec $(CODEC)) --out $(OUT) --dtype $(DTYPE)
 
 verify: $(STAMP)
 	@test -n "$(GOLDEN)" || { echo "usage: make verify CHECKPOINT=DIR GOLDEN=FILE [ARTIFACTS=DIR]"; exit 2; }
 	$(PY) -m export.verify --checkpoint $(CHECKPOINT) --golden $(GOLDEN) $(if $(filter command line,$(origin ARTIFACTS)),--artifacts $(ARTIFACTS))
 
 check-onnx: $(STAMP)
-	$(PY) -m export.check_onnx --artifacts $(ARTIFACTS) --checkpoint $(CHECKPOINT)
+	$(PY) -m export.check_onnx --artifacts $(ARTIFACTS) $(if $(filter command line,$(origin CHECKPOINT)),--checkpoint $(CHECKPOINT)) $(if $(filter command line,$(origin CODEC)),--codec $(CODEC))
 
 engine: $(STAMP)
 	$(PY) -m engines.build_engine --artifacts $(ARTIFACTS) --precision $(PRECISION) --max-batch $(MAX_BATCH) --max-len $(MAX_LEN) --out $(ENGINES) $(if $(NO_PREFILL),--no-prefill)

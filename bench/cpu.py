@@ -773,8 +773,8 @@ def section_loop(ws: Workspace, cfg: Config, log: Log) -> Section:
         "OrtBackbone.audio_step called back to back on the same runtime at a similar cache length; overhead = loop / raw - 1"
     )
     section.notes.append(
-        f"ORT: spin = sessions as engines/ort_runtime.py and engines/codec.py create them; nospin = the same options plus "
-        f"{SPIN_KEY}=0 on the backbone and codec sessions (worker threads sleep instead of busy-waiting after each run)"
+        f"ORT: nospin = sessions as engines/ort_runtime.py and engines/codec.py create them ({SPIN_KEY}=0: worker "
+        f"threads sleep instead of busy-waiting after each run); spin = the same options with {SPIN_KEY}=1, ORT's default"
     )
     section.notes.append(
         "the stream-EOS logit is masked (a -inf write on the returned logits) so every request runs exactly max_tokens "

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-AUDIO_BOS = 1024  # audio_stream_bos_id: per-codebook value
-AUDIO_EOS = 1025  # audio_stream_eos_id
+STREAM_BOS = 1024  # audio_stream_bos_id: per-codebook value
+STREAM_EOS = 1025  # audio_stream_eos_id
 CODEBOOK_SIZE = 1024  # real codes are 0..1023
 
 
-def delay_pattern(codes: np.ndarray, bos: int = AUDIO_BOS, eos: int = AUDIO_EOS) -> np.ndarray:
+def delay_pattern(codes: np.ndarray, bos: int = STREAM_BOS, eos: int = STREAM_EOS) -> np.ndarray:
     """Wrap codes (N, T) in a BOS and an EOS column, then delay row k by k -> int64 (N, T+N+1).
 
     Row k = [bos]*k ++ [bos] ++ codes[k] ++ [eos] ++ [eos]*(N-1-k), as upstream's collator builds
@@ -55,7 +55,7 @@ class AudioSegmentState:
     sampling); every later column is drawn (and RAS-redrawn) by the loop and passed to `step`.
     """
 
-    def __init__(self, num_codebooks: int = 8, bos: int = AUDIO_BOS, eos: int = AUDIO_EOS):
+    def __init__(self, num_codebooks: int = 8, bos: int = STREAM_BOS, eos: int = STREAM_EOS):
         self.num_codebooks = num_codebooks
         self.bos = bos
         self.eos = eos

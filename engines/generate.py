@@ -45,7 +45,7 @@ from .delay import AudioSegmentState, FrameAssembler
 from .manifest import Manifest, ModelSpec
 from .prompt import PromptRenderer, StopMatcher, expand_prompt, tts_messages
 from .runtime import BackboneRuntime
-from .sampling import params_to_arrays, ras_redraw, ras_window, sample
+from .sampling import check_params, params_to_arrays, ras_redraw, ras_window, sample
 
 log = logging.getLogger("higgs.engine")
 
@@ -90,11 +90,8 @@ class Engine:
         encoder: CodecEncoder | None = None,
         model_name: str = "higgs-audio-v2",
         max_queue: int = 64,
-        prefill_mode: str = "graph",
         stream_frames: int = 8,
     ):
-        if prefill_mode not in ("graph", "split"):
-            raise ValueError("prefill_mode must be 'graph' (mixed prefill graph) or 'split' (text/audio graphs per run)")
         self.runtime = runtime
         self.spec: ModelSpec = runtime.spec
         self.codec = codec
@@ -102,7 +99,6 @@ class Engine:
         self.encoder = encoder
         self.model_name = model_name
         self.sample_rate = SAMPLE_RATE
-        self.prefill_mode = prefill_mode
         self.stream_frames = stream_frames
         self._pending: queue.Queue = queue.Queue(maxsize=max_queue)
         self._active: dict[int, _Sequence] = {}
@@ -111,6 +107,8 @@ class Engine:
         self._stop = threading.Event()
         self._drain = True
         self._closed = False
+        self._close_lock = threading.Lock()
+        self._wake = threading.Event()  # set by submit: the idle worker has something to admit
         self._finish_listeners: list = []
         self._outboxes: list[_Sequence] = []  # sequences with something to deliver at the end of the step
         self._thread: threading.Thread | None = None
@@ -146,6 +144,11 @@ class Engine:
         if not manifest.has("codec_decoder"):
             raise ValueError(f"{artifacts_dir} has no codec_decoder graph: re-run make export with CODEC=DIR")
         codec = CodecDecoder(manifest.graph_path("codec_decoder"), providers)
+        if codec.num_quantizers != manifest.model.num_codebooks:
+            raise ValueError(
+                f"{artifacts_dir}: codec decoder has {codec.num_quantizers} codebooks, the LLM {manifest.model.num_codebooks}; "
+                "re-export with the codec this model was trained with"
+            )
         encoder = CodecEncoder(manifest.graph_path("codec_encoder"), providers) if manifest.has("codec_encoder") else None
         renderer = PromptRenderer(manifest.tokenizer, manifest.model.num_codebooks) if manifest.tokenizer else None
         return cls(backbone, codec, renderer=renderer, encoder=encoder, **kwargs)
@@ -164,12 +167,13 @@ class Engine:
 
     def submit(self, request: SpeechRequest, loop=None) -> Generation:
         """Validate and render now (so bad prompts fail in the caller), queue for a slot."""
-        prompt = self._prepare(request)
+        prepared = self._prepare(request)
         handle = Generation(request, loop)
         try:
-            self._pending.put_nowait((handle, prompt))
+            self._pending.put_nowait((handle, prepared))
         except queue.Full:
             raise QueueFull(retry_after=1.0) from None
+        self._wake.set()
         return handle
 
     def start(self) -> "Engine":
@@ -184,13 +188,15 @@ class Engine:
         e.g. drain=False after a drain that timed out."""
         self._drain = drain and self._drain
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 return  # still draining; a later call may cancel
-        if not self._closed:
-            self._closed = True
-            self.runtime.close()
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                self.runtime.close()
 
     def add_finish_listener(self, callback) -> None:
         """callback(request, finished) runs on the engine thread as each request ends (metrics, tests)."""
@@ -231,7 +237,8 @@ class Engine:
     def _worker(self) -> None:
         while not self._stop.is_set() or (self._drain and (self._active or not self._pending.empty())):
             if not self._active and self._pending.empty():
-                time.sleep(0.002)
+                self._wake.wait(0.05)  # returns at once on submit; the timeout notices shutdown
+                self._wake.clear()
                 continue
             try:
                 self.step()
@@ -266,6 +273,10 @@ class Engine:
 
     # -- admission ----------------------------------------------------------------------------------
     def _prepare(self, request: SpeechRequest):
+        """Everything that can fail because of the request itself, so it fails in the caller."""
+        check_params(request.sampling)
+        stop_strings = dict.fromkeys((*request.stop_strings, "<|end_of_text|>"))  # EOS always stops (spec §5.7)
+        stop = StopMatcher(self.renderer.tokenizer if self.renderer else None, stop_strings, self._special_ids())
         if request.prompt_ids is not None:
             ids, segments = np.asarray(request.prompt_ids, np.int64), list(request.prompt_audio)
         else:
@@ -286,28 +297,27 @@ class Engine:
             )
         if request.max_tokens is not None and request.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        return prompt, request.max_tokens or room
+        return prompt, request.max_tokens or room, stop
 
     def _admit(self) -> None:
         while self._free_slots and not self._pending.empty():
-            handle, (prompt, max_tokens) = self._pending.get_nowait()
+            handle, (prompt, max_tokens, stop) = self._pending.get_nowait()
             if handle.cancelled:
                 self._end(handle, Finished("cancelled", None, 0, 0, 0.0))
                 continue
             try:
-                self._start(handle, prompt, max_tokens)
+                self._start(handle, prompt, max_tokens, stop)
             except Exception as error:  # this request fails; the others go on
                 log.exception("request %s: prefill failed", handle.request.request_id)
                 self._end(handle, Finished("error", None, len(prompt.input_ids), 0, 0.0, error=str(error)))
 
-    def _start(self, handle: Generation, prompt, max_tokens: int) -> None:
+    def _start(self, handle: Generation, prompt, max_tokens: int, stop: StopMatcher) -> None:
+        """Prefill into the first free slot; the slot is taken only once the sequence exists."""
         slot = self._free_slots[0]
         request = handle.request
-        logits = self._prefill(slot, prompt)
-        self._free_slots.pop(0)
+        logits = self.runtime.prefill(slot, prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
         params = request.sampling
         window = max(params.ras_window, 0)
-        stop_strings = dict.fromkeys((*request.stop_strings, "<|end_of_text|>"))  # EOS always stops (spec §5.7)
         history = deque(maxlen=max(window, 1))
         for column in prompt.audio_history.T[-window:] if window else ():
             history.append(column)
@@ -321,11 +331,12 @@ class Engine:
             rng=np.random.default_rng(params.seed),
             history=history,
             max_tokens=max_tokens,
-            stop=StopMatcher(self.renderer.tokenizer if self.renderer else None, stop_strings, self._special_ids()),
+            stop=stop,
             streamer=StreamingDecoder(self.codec, min_frames=self.stream_frames) if self.codec else None,
             text_logits=logits.text,
             audio_logits=logits.audio,
         )
+        self._free_slots.remove(slot)
         self._active[slot] = seq
         self.stats["requests"] += 1
         log.info("request %s: slot %d, %d prompt positions", request.request_id, slot, seq.prompt_tokens)
@@ -337,11 +348,6 @@ class Engine:
             "<|eot_id|>": spec.eot_token_id,
             "<|audio_eos|>": spec.audio_eos_token_id,
         }
-
-    def _prefill(self, slot: int, prompt):
-        if self.prefill_mode == "graph":
-            return self.runtime.prefill(slot, prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
-        return self.runtime.prefill_split(slot, prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
 
     # -- deciding the next token of every sequence ----------------------------------------------------
     def _decide(self, seqs: list[_Sequence]) -> None:
@@ -407,7 +413,10 @@ class Engine:
         return drawn.reshape(len(seqs), n)
 
     def _sample_text(self, seqs: list[_Sequence]) -> np.ndarray:
+        """A text step may start audio only through <|audio_out_bos|>: upstream has no state for a bare
+        <|AUDIO_OUT|> drawn as text (no segment, no audio logits), so that id is never drawn."""
         raw = np.stack([s.text_logits for s in seqs])
+        raw[:, self.spec.audio_out_token_id] = -np.inf
         uniforms = np.array([s.rng.random() for s in seqs])
         return sample(raw, *params_to_arrays([s.request.sampling for s in seqs]), uniforms)
 
@@ -420,12 +429,12 @@ class Engine:
             slots = np.array([s.slot for s in audio])
             logits = self.runtime.audio_step(slots, np.stack([s.feed[1] for s in audio]), np.array([s.cache_length for s in audio]))
             for seq, row in zip(audio, logits):
-                seq.audio_logits, seq.text_logits = row.copy(), None
+                seq.audio_logits, seq.text_logits = row, None  # rows of a fresh array (fancy indexing)
         for run in _contiguous_runs(sorted(text, key=lambda s: s.slot)):
             slots = np.array([s.slot for s in run])
             logits = self.runtime.text_step(slots, np.array([s.feed[1] for s in run]), np.array([s.cache_length for s in run]))
             for seq, row in zip(run, logits):
-                seq.text_logits, seq.audio_logits = row.copy(), None
+                seq.text_logits, seq.audio_logits = row, None
         for seq in audio + text:
             seq.cache_length += 1
             seq.feed = None
@@ -525,10 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scene", help="scene description for the system prompt")
     parser.add_argument("--ref-audio", type=Path, help="reference clip to clone (wav/mp3/flac/ogg)")
     parser.add_argument("--ref-text", help="transcript of --ref-audio")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--ras-window", type=int, default=7, help="repetition-aware sampling window (<= 0 disables)")
+    defaults = SamplingParams()  # upstream serve engine's defaults
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--ras-window", type=int, default=defaults.ras_window, help="repetition-aware sampling window (<= 0 disables)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None, help="generation steps, one audio frame = 40 ms (default: what fits)")
     parser.add_argument("--max-len", type=int, default=2048, help="KV cache positions: prompt + reference audio + generated steps")

@@ -54,6 +54,7 @@ ROLES = ("system", "user", "assistant")
 AUDIO_IN_TEXT = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 AUDIO_OUT_TEXT = "<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>"
 TTS_INSTRUCTION = "Generate audio following instruction."
+SCENE_START = "<|scene_desc_start|>"
 MULTISPEAKER_INSTRUCTION = (
     "You are an AI assistant designed to convert text into speech.\n"
     "If the user's message includes a [SPEAKER*] tag, do not read out the tag and generate speech for the "
@@ -78,11 +79,13 @@ class ExpandedPrompt:
     audio_mask: np.ndarray  # bool (L,): True at audio-out positions (routing + audio head)
     audio_history: np.ndarray  # int64 (N, C): every audio-out column in order (RAS window source)
 
-    def segment_runs(self) -> list[tuple[int, int, bool]]:
-        """Maximal runs of text or audio positions as (start, stop, is_audio), in order."""
-        edges = np.flatnonzero(np.diff(self.audio_mask.astype(np.int8))) + 1
-        bounds = [0, *edges.tolist(), self.audio_mask.size]
-        return [(a, b, bool(self.audio_mask[a])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+def mask_runs(audio_mask: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Maximal runs of text or audio positions as (start, stop, is_audio), in order."""
+    mask = np.asarray(audio_mask, bool)
+    edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), mask.size]
+    return [(a, b, bool(mask[a])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 class PromptRenderer:
@@ -190,8 +193,20 @@ def tts_messages(
     return messages
 
 
+def scene_system_prompt(scene: str) -> str:
+    """The system prompt convention for a scene description (spec §5.1); kept verbatim if it already
+    holds a scene block."""
+    if SCENE_START in scene:
+        return scene
+    return f"{TTS_INSTRUCTION}\n\n{_scene_block(scene)}"
+
+
+def _scene_block(scene: str) -> str:
+    return f"{SCENE_START}\n{scene}\n<|scene_desc_end|>"
+
+
 def _system_prompt(text: str, scene: str | None, has_refs: bool, speakers: Sequence[str] | None) -> str | None:
-    scene_block = f"<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>" if scene else None
+    scene_block = _scene_block(scene) if scene else None
     if has_refs:
         return f"{TTS_INSTRUCTION}\n\n{scene_block}" if scene_block else None
     tags = sorted(set(_SPEAKER_TAG.findall(text)))
@@ -202,7 +217,7 @@ def _system_prompt(text: str, scene: str | None, has_refs: bool, speakers: Seque
     else:
         return "\n\n".join([TTS_INSTRUCTION] + ([scene_block] if scene_block else []))
     desc = "\n\n".join(([scene] if scene else []) + ["\n".join(lines)])
-    return f"{MULTISPEAKER_INSTRUCTION}\n\n<|scene_desc_start|>\n{desc}\n<|scene_desc_end|>"
+    return f"{MULTISPEAKER_INSTRUCTION}\n\n{_scene_block(desc)}"
 
 
 class StopMatcher:

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from .manifest import Manifest, ModelSpec
+from .prompt import mask_runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +71,12 @@ class BackboneRuntime(abc.ABC):
         input_ids: np.ndarray,
         audio_codes: np.ndarray,
         audio_mask: np.ndarray,
-        cache_length: int = 0,
     ) -> PromptLogits:
-        """One prompt (T,) / (T, N) / (T,) into `slot` with the mixed graph; logits of its last position."""
+        """One prompt (T,) / (T, N) / (T,) into an empty `slot` with the mixed graph; logits of its last position."""
         if not self.has_prefill_graph:
-            return self.prefill_split(slot, input_ids, audio_codes, audio_mask, cache_length)
+            return self.prefill_split(slot, input_ids, audio_codes, audio_mask)
         length = len(input_ids)
-        self._check_room(np.array([cache_length]), length)
+        self._check_room(np.array([0]), length)
         out = self.run(
             "prefill",
             slot,
@@ -84,7 +84,7 @@ class BackboneRuntime(abc.ABC):
                 "input_ids": np.asarray(input_ids, np.int64)[None],
                 "audio_codes": np.asarray(audio_codes, np.int64)[None],
                 "audio_mask": np.asarray(audio_mask, bool)[None],
-                "cache_lengths": np.array([cache_length], np.int64),
+                "cache_lengths": np.zeros(1, np.int64),
                 "last_index": np.array([length - 1], np.int64),
             },
         )
@@ -96,26 +96,21 @@ class BackboneRuntime(abc.ABC):
         input_ids: np.ndarray,
         audio_codes: np.ndarray,
         audio_mask: np.ndarray,
-        cache_length: int = 0,
     ) -> PromptLogits:
         """Same result as `prefill`, but each maximal run of text or audio positions goes through
         the text or audio graph. Lets a deployment skip the prefill graph (and its full copy of
         the weights on the GPU). Returns the logits of whichever graph ran last."""
-        audio_mask = np.asarray(audio_mask, bool)
-        self._check_room(np.array([cache_length]), len(audio_mask))
-        bounds = np.flatnonzero(np.diff(audio_mask.astype(np.int8))) + 1
-        position, logits = cache_length, {}
-        for run in np.split(np.arange(len(audio_mask)), bounds):
-            is_audio = bool(audio_mask[run[0]])
+        self._check_room(np.array([0]), len(audio_mask))
+        logits = {}
+        for start, stop, is_audio in mask_runs(audio_mask):
             feed = (
-                {"audio_codes": np.asarray(audio_codes, np.int64)[run][None]}
+                {"audio_codes": np.asarray(audio_codes, np.int64)[None, start:stop]}
                 if is_audio
-                else {"input_ids": np.asarray(input_ids, np.int64)[run][None]}
+                else {"input_ids": np.asarray(input_ids, np.int64)[None, start:stop]}
             )
-            feed.update(cache_lengths=np.array([position], np.int64), last_index=np.array([len(run) - 1], np.int64))
+            feed.update(cache_lengths=np.array([start], np.int64), last_index=np.array([stop - start - 1], np.int64))
             out = self.run("audio" if is_audio else "text", slot, feed)
             logits = {name: array[0].copy() for name, array in out.items()}
-            position += len(run)
         return PromptLogits(logits.get("text_logits"), logits.get("audio_logits"))
 
     def _step(self, graph: str, slots: np.ndarray, feed_name: str, feed: np.ndarray, filler, cache_lengths) -> np.ndarray:

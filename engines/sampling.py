@@ -40,6 +40,22 @@ def params_to_arrays(params: Sequence[SamplingParams], repeat: int = 1) -> tuple
     return temperature, top_k, top_p
 
 
+MIN_TEMPERATURE = 1e-3  # below this logits / T overflows float32 for large logits; use 0 (greedy)
+
+
+def check_params(params: SamplingParams) -> None:
+    """Reject what would fail (or silently misbehave) inside a batched step, before a request is queued."""
+    t = params.temperature
+    if not (np.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
+        raise ValueError(f"temperature {t}: use 0 for greedy or a value >= {MIN_TEMPERATURE}")
+    if params.top_k is not None and params.top_k < 0:
+        raise ValueError(f"top_k {params.top_k}: must be >= 0 (0 or None = off)")
+    if not (np.isfinite(params.top_p) and 0 < params.top_p <= 1):
+        raise ValueError(f"top_p {params.top_p}: must be in (0, 1] (1 = off)")
+    if params.ras_max_repeat < 0:
+        raise ValueError(f"ras_max_repeat {params.ras_max_repeat}: must be >= 0")
+
+
 def process_logits(logits: np.ndarray, temperature, top_k, top_p) -> np.ndarray:
     """Temperature -> top-k -> top-p on each row of `logits` (R, V); returns float32 (R, V).
 

@@ -55,6 +55,11 @@ def run(checkpoint: Path, codec: Path | None, out: Path, dtype_name: str) -> Pat
 
         _log(f"loading codec {codec}")
         codec_model = load_codec(codec)
+        if codec_model.config.num_quantizers != config.num_codebooks:
+            raise ConfigError(
+                f"the codec in {codec} has {codec_model.config.num_quantizers} codebooks but the LLM expects "
+                f"{config.num_codebooks}: pass the codec this model was trained with (CODEC=DIR)"
+            )
         _log("exporting codec_decoder.onnx")
         graphs["codec_decoder"] = export_codec_decoder(codec_model, out / "codec_decoder.onnx")
         _log("exporting codec_encoder.onnx")
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--codec {args.codec} is not a directory (CODEC=DIR with config.json and model.pth)")
     try:
         run(args.checkpoint, args.codec, args.out, args.dtype)
-    except (ConfigError, CheckpointError) as error:
+    except (ConfigError, CheckpointError, ValueError) as error:
         print(f"[export] error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 import os
 from pathlib import Path
 
@@ -100,7 +101,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from serve.app import create_app
 
-    engine = build_engine(settings)
+    try:
+        engine = build_engine(settings)
+    except (OSError, ValueError, RuntimeError) as error:  # ManifestError, missing graphs, runtime not installed
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     engine.start()  # warm-up before listening: the first request pays no graph setup
     uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=int(settings.shutdown_timeout_s))

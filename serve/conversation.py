@@ -15,19 +15,11 @@ Chat messages map one to one (spec llm.md §5.1-5.2):
 from __future__ import annotations
 
 from engines.api import AudioCodes, Content, Message, SamplingParams, SpeechRequest
+from engines.prompt import scene_system_prompt
 from serve.errors import APIError
 from serve.protocol import AudioSpeechRequest, ChatCompletionRequest, ChatMessage, SamplingFields, TextPart
 from serve.settings import ServeSettings
 from serve.voices import DEFAULT_VOICE, Voice, VoiceLibrary, decode_base64, load_reference
-
-SCENE_START = "<|scene_desc_start|>"
-
-
-def scene_system_prompt(text: str) -> str:
-    if SCENE_START in text:
-        return text
-    return f"Generate audio following instruction.\n\n{SCENE_START}\n{text}\n<|scene_desc_end|>"
-
 
 class RequestBuilder:
     def __init__(self, settings: ServeSettings, voices: VoiceLibrary, sample_rate: int):

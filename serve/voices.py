@@ -210,8 +210,11 @@ class VoiceLibrary:
 
 
 def _scan(root: Path) -> dict[str, tuple[str, Path, str | None]]:
-    """name -> (transcript, audio path, system prompt) over the three layouts."""
+    """name -> (transcript, audio path, system prompt) over the three layouts; none yet if `root` does
+    not exist (uploads create it)."""
     found: dict[str, tuple[str, Path, str | None]] = {}
+    if not root.is_dir():
+        return found
 
     def add(name: str, transcript: str, audio: Path, system_prompt: str | None = None) -> None:
         if name in found:

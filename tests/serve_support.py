@@ -89,11 +89,21 @@ class Recorder:
 
 
 def make_engine(artifacts: Path, *, start: bool = True, max_batch: int = 4, max_queue: int = 8, max_len: int = 2048,
-                stream_frames: int = 8) -> Engine:
+                stream_frames: int = 8, endless: bool = False) -> Engine:
     """A real engine on the tiny model with a `Recorder` at `engine.recorder`; started (warmed up,
-    worker running) unless start=False."""
+    worker running) unless start=False. `endless`: the stream-EOS logit is masked, so audio never ends
+    by itself and a generation's length is max_tokens whatever path its seed takes on this CPU."""
     engine = Engine.from_artifacts(artifacts, runtime="ort-cpu", max_batch=max_batch, max_len=max_len,
                                    max_queue=max_queue, stream_frames=stream_frames)
+    if endless:
+        audio_step, eos = engine.runtime.audio_step, engine.spec.stream_eos_id
+
+        def without_eos(*args):
+            logits = audio_step(*args)
+            logits[..., eos] = -np.inf
+            return logits
+
+        engine.runtime.audio_step = without_eos
     engine.recorder = Recorder(engine)
     return engine.start() if start else engine
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from engines.delay import (
-    AUDIO_BOS,
-    AUDIO_EOS,
+    STREAM_BOS,
+    STREAM_EOS,
     AudioSegmentState,
     FrameAssembler,
     delay_pattern,
@@ -24,10 +24,10 @@ def test_delay_round_trip(frames):
     x = np.random.default_rng(frames).integers(0, 1024, (N, frames))
     d = delay_pattern(x)
     assert d.shape == (N, frames + N + 1)
-    assert np.all(d[:, 0] == AUDIO_BOS) and np.all(d[:, -1] == AUDIO_EOS)
+    assert np.all(d[:, 0] == STREAM_BOS) and np.all(d[:, -1] == STREAM_EOS)
     for k in range(N):
-        assert np.all(d[k, : k + 1] == AUDIO_BOS) and d[k, k + 1 : k + 1 + frames].tolist() == x[k].tolist()
-        assert np.all(d[k, k + 1 + frames :] == AUDIO_EOS) and d.shape[1] - (k + 1 + frames) == N - k
+        assert np.all(d[k, : k + 1] == STREAM_BOS) and d[k, k + 1 : k + 1 + frames].tolist() == x[k].tolist()
+        assert np.all(d[k, k + 1 + frames :] == STREAM_EOS) and d.shape[1] - (k + 1 + frames) == N - k
     np.testing.assert_array_equal(delayed_to_codes(d), x)
     assert revert_delay(d).shape == (N, frames + 2)
 
@@ -71,7 +71,7 @@ def _run_stub(eos_step, eos_rows, extra_steps=12, seed=0):
     for step in range(1, eos_step + extra_steps):
         drawn = rng.integers(0, 1024, N)
         if step == eos_step:
-            drawn[list(eos_rows)] = AUDIO_EOS
+            drawn[list(eos_rows)] = STREAM_EOS
         draws.append(drawn)
         col, end = state.step(drawn)
         columns.append(col)
@@ -87,10 +87,10 @@ def test_ramp_schedule_eos_from_codebook_0():
     draws, seg, ended = _run_stub(s, eos_rows=[0])
     assert seg.shape[1] == s + 8 and ended.index(True) == s + 6  # <|audio_eos|> with column S+7
     for c in range(1, 8):
-        assert np.all(seg[c:, c] == AUDIO_BOS)
+        assert np.all(seg[c:, c] == STREAM_BOS)
         np.testing.assert_array_equal(seg[:c, c], draws[:c, c - 1])
     for m in range(1, 8):
-        assert np.all(seg[:m, s + m] == AUDIO_EOS)
+        assert np.all(seg[:m, s + m] == STREAM_EOS)
         np.testing.assert_array_equal(seg[m:, s + m], draws[m:, s + m - 1])
     codes = delayed_to_codes(seg)
     assert codes.shape == (N, s - 1)
@@ -107,10 +107,10 @@ def test_ramp_out_from_first_eos_row(first):
     draws, seg, ended = _run_stub(s, eos_rows=eos_rows)
     more = N - first - 1
     assert seg.shape[1] == s + 1 + more and ended[-1] and not any(ended[:-1])
-    assert np.all(seg[: first + 1, s] == AUDIO_EOS)
+    assert np.all(seg[: first + 1, s] == STREAM_EOS)
     np.testing.assert_array_equal(seg[first + 1 :, s], draws[first + 1 :, s - 1])  # incl. the later EOS row
     for m in range(1, more + 1):
-        assert np.all(seg[: first + m, s + m] == AUDIO_EOS)
+        assert np.all(seg[: first + m, s + m] == STREAM_EOS)
         np.testing.assert_array_equal(seg[first + m :, s + m], draws[first + m :, s + m - 1])
 
 
@@ -118,10 +118,10 @@ def test_state_resets_after_the_segment_ends():
     state = AudioSegmentState(N)
     for _ in range(8):
         state.step(np.zeros(N, np.int64))
-    _, end = state.step(np.r_[0, 0, 0, 0, 0, 0, 0, AUDIO_EOS])  # e = 7: ends at once
+    _, end = state.step(np.r_[0, 0, 0, 0, 0, 0, 0, STREAM_EOS])  # e = 7: ends at once
     col, again = state.step(np.full(N, 5))  # a new segment ramps in again
     assert end and not again
-    np.testing.assert_array_equal(col, [5] + [AUDIO_BOS] * 7)
+    np.testing.assert_array_equal(col, [5] + [STREAM_BOS] * 7)
 
 
 @pytest.mark.parametrize("name,case", RUNS)

@@ -43,11 +43,11 @@ def say(text: str, **kwargs) -> SpeechRequest:
 
 
 @pytest.mark.parametrize("name", ["llm_tiny", "llm_tiny_eos3"])
-@pytest.mark.parametrize("prefill_mode", ["graph", "split"])
-def test_greedy_generation_reproduces_upstream(golden_artifacts, name, prefill_mode):
+@pytest.mark.parametrize("prefill_graph", [True, False], ids=["prefill-graph", "split-prefill"])
+def test_greedy_generation_reproduces_upstream(golden_artifacts, name, prefill_graph):
     golden = load(name)
-    runtime = OrtBackbone(Manifest.load(golden_artifacts(name)), max_batch=2, max_len=128)
-    engine = Engine(runtime, codec=None, prefill_mode=prefill_mode)
+    runtime = OrtBackbone(Manifest.load(golden_artifacts(name)), max_batch=2, max_len=128, prefill_graph=prefill_graph)
+    engine = Engine(runtime, codec=None)
     requests = []
     for case in ("zero_shot", "voice_clone"):
         audio = (golden[f"{case}/prompt_audio_out_ids"],) if case == "voice_clone" else ()
@@ -101,6 +101,52 @@ def test_max_tokens_cancellation_and_slot_reuse(engine):
     engine.run_until_idle()
     assert list(long.iter_blocking())[-1].finish_reason == "cancelled"
     assert engine.active_requests() == 0
+
+
+def test_a_freed_slot_gives_the_same_result_as_a_fresh_engine(engine, tiny_artifacts):
+    request = lambda: say("Same again.", sampling=SamplingParams(seed=5), max_tokens=40)  # noqa: E731
+    long = engine.submit(say("Occupies a slot.", sampling=SamplingParams(seed=4)))
+    engine.step()
+    long.cancel()
+    (pcm, finished), = run(engine, request())  # reuses slot 0, whose cache rows hold the cancelled request's K/V
+    (fresh_pcm, fresh), = run(Engine.from_artifacts(tiny_artifacts, max_batch=4, max_len=1024, stream_frames=2), request())
+    assert finished.text_ids == fresh.text_ids and all(np.array_equal(a, b) for a, b in zip(finished.segments, fresh.segments))
+    assert np.abs(pcm - fresh_pcm).max() <= 1e-6
+
+
+def test_bad_sampling_parameters_fail_at_submit(engine):
+    for params in (SamplingParams(temperature=1e-40), SamplingParams(temperature=float("nan")),
+                   SamplingParams(top_k=-1), SamplingParams(top_p=0.0)):
+        with pytest.raises(ValueError):
+            engine.submit(say("x", sampling=params))
+    with pytest.raises(ValueError, match="stop string"):
+        Engine(engine.runtime, engine.codec).submit(SpeechRequest([], prompt_ids=np.array([1, 2]), stop_strings=("done",)))
+
+
+def test_a_text_step_never_draws_a_bare_audio_out(tiny_artifacts):
+    """After the audio ends the model samples text; <|AUDIO_OUT|> there would have no segment to continue."""
+    engine = Engine.from_artifacts(tiny_artifacts, max_batch=2, max_len=512)
+    text_step = engine.runtime.text_step
+
+    def audio_out_first(*args):
+        logits = text_step(*args)
+        logits[:, 128016] = 1e4
+        return logits
+
+    engine.runtime.text_step = audio_out_first
+    (_, finished), = run(engine, say("Then text.", sampling=GREEDY, stop_strings=(), max_tokens=80))
+    assert finished.finish_reason in ("stop", "length") and 128016 not in finished.text_ids[1:]
+
+
+def test_a_failed_prefill_returns_its_slot(tiny_artifacts):
+    engine = Engine.from_artifacts(tiny_artifacts, max_batch=1, max_len=512)
+    prefill = engine.runtime.prefill
+    engine.runtime.prefill = lambda *args: (_ for _ in ()).throw(RuntimeError("injected prefill fault"))
+    (_, failed), = run(engine, say("Fails.", sampling=GREEDY, max_tokens=5))
+    assert failed.finish_reason == "error" and "injected" in failed.error
+    engine.runtime.prefill = prefill
+    (_, ok), = run(engine, say("Works.", sampling=GREEDY, max_tokens=5))
+    assert ok.finish_reason == "length" and engine.active_requests() == 0
 
 
 def test_prompts_that_do_not_fit_fail_at_submit(engine):

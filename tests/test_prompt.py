@@ -17,6 +17,7 @@ from engines.prompt import (
     PromptRenderer,
     StopMatcher,
     expand_prompt,
+    mask_runs,
     tts_messages,
 )
 from export.tiny_tokenizer import special_tokens, write_tiny_tokenizer
@@ -174,7 +175,7 @@ def test_expand_golden_voice_clone_prompt():
     at = int(np.flatnonzero(ids == AUDIO_OUT)[0])
     width = seg.shape[1]
     assert ex.input_ids.shape == (ids.size - 1 + width,) and ex.audio_codes.shape == (ids.size - 1 + width, 8)
-    assert ex.segment_runs() == [(0, at, False), (at, at + width, True), (at + width, ids.size - 1 + width, False)]
+    assert mask_runs(ex.audio_mask) == [(0, at, False), (at, at + width, True), (at + width, ids.size - 1 + width, False)]
     teacher_forced = z["voice_clone/teacher_forced_audio_out_ids"]  # the reference columns come first
     np.testing.assert_array_equal(ex.audio_codes[ex.audio_mask].T, teacher_forced[:, :width])
     np.testing.assert_array_equal(np.delete(ex.input_ids, np.flatnonzero(ex.audio_mask)), np.delete(ids, at))
@@ -186,11 +187,11 @@ def test_expand_two_segments_and_text_only():
     ids = np.array([1, 2, AUDIO_OUT, 3, AUDIO_OUT, 4])
     a, b = delay_pattern(_codes(2, 1)), delay_pattern(_codes(1, 2))
     ex = expand_prompt(ids, [a, b])
-    assert ex.segment_runs() == [(0, 2, False), (2, 13, True), (13, 14, False), (14, 24, True), (24, 25, False)]
+    assert mask_runs(ex.audio_mask) == [(0, 2, False), (2, 13, True), (13, 14, False), (14, 24, True), (24, 25, False)]
     np.testing.assert_array_equal(ex.audio_history, np.concatenate([a, b], axis=1))
     np.testing.assert_array_equal(ex.audio_codes[14:24].T, b)
     text = expand_prompt(np.array([5, 6]), [])
-    assert text.segment_runs() == [(0, 2, False)]
+    assert mask_runs(text.audio_mask) == [(0, 2, False)]
     assert text.audio_codes.shape == (2, 8) and text.audio_history.shape == (8, 0)
     with pytest.raises(ValueError, match="placeholders"):
         expand_prompt(ids, [a])

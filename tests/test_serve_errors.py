@@ -27,7 +27,7 @@ USER = [{"role": "user", "content": "Hello there."}]
 CHAT = {"model": MODEL, "messages": USER}
 SPEECH = {"model": MODEL, "input": "Hello there.", "voice": "alloy"}
 SHORT = {"seed": 1, "max_completion_tokens": 30}  # a quick generation
-LONG = {"seed": 4, "max_completion_tokens": 1500}  # seed 4 speaks for far longer than any test waits
+LONG = {"seed": 4, "max_completion_tokens": 1500}  # on an `endless` engine: far longer than any test waits
 
 
 def _chat(**changes):
@@ -274,7 +274,7 @@ def test_concurrent_requests_are_200_or_429(tiny_artifacts):
 @pytest.fixture(scope="module")
 def solo(tiny_artifacts):
     """One decode slot: a generation that is not cancelled would hold it for seconds."""
-    with LiveServer(make_engine(tiny_artifacts, max_batch=1), settings_for(None)) as server:
+    with LiveServer(make_engine(tiny_artifacts, max_batch=1, endless=True), settings_for(None)) as server:
         yield server
 
 
@@ -337,7 +337,7 @@ def test_engine_failure_is_500_with_openai_body_and_sse_error(solo):
 
 
 def test_shutdown_drains_in_flight_stream(tiny_artifacts):
-    engine = make_engine(tiny_artifacts, max_batch=1)
+    engine = make_engine(tiny_artifacts, max_batch=1, endless=True)
     server = LiveServer(engine, settings_for(None)).__enter__()
     body = _chat(stream=True, seed=4, max_completion_tokens=120)
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:

@@ -45,6 +45,13 @@ def client(live):
     return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+@pytest.fixture(scope="module")
+def endless_client(tiny_artifacts):
+    """A server whose audio never ends by itself: generation lengths are exactly max_completion_tokens."""
+    with LiveServer(make_engine(tiny_artifacts, max_batch=2, endless=True), settings_for(None)) as server:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
 def _chat(client, **kwargs):
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": TEXT}],
                                           modalities=["text", "audio"], **kwargs)
@@ -88,10 +95,10 @@ def _delta_audio(delta) -> dict | None:
     return audio if audio is None or isinstance(audio, dict) else audio.model_dump()
 
 
-def test_streaming_pcm_equals_non_streamed_audio(client):
-    params = dict(seed=4, max_completion_tokens=60)  # seed 4 speaks longer: 2 s of audio, 7 stream chunks
-    whole = _pcm(base64.b64decode(_chat(client, **params).choices[0].message.audio.data))
-    stream = _chat(client, **params, stream=True, stream_options={"include_usage": True})
+def test_streaming_pcm_equals_non_streamed_audio(endless_client):
+    params = dict(seed=4, max_completion_tokens=60)  # 60 steps: 51 frames = 2 s of audio, 7 stream chunks
+    whole = _pcm(base64.b64decode(_chat(endless_client, **params).choices[0].message.audio.data))
+    stream = _chat(endless_client, **params, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     audio = [a for a in (_delta_audio(c.choices[0].delta) for c in chunks if c.choices) if a]
@@ -100,7 +107,7 @@ def test_streaming_pcm_equals_non_streamed_audio(client):
     assert len(whole) > 24000
     np.testing.assert_array_equal(pcm, whole)
     finals = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert len(finals) == 1 and finals[0].finish_reason in ("stop", "length")
+    assert len(finals) == 1 and finals[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
 
