@@ -798,10 +798,13 @@ class _TorchDecoder:
         self.context_frames = onnx_decoder.context_frames
 
     def decode(self, codes):
+        """CodecDecoder.decode's contract: (n_q, T) -> (960 T,), (B, n_q, T) -> (B, 960 T)."""
         import torch
 
+        batch = np.ascontiguousarray(codes if codes.ndim == 3 else codes[None], dtype=np.int64)
         with torch.inference_mode():
-            return self.codec.decode(torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64))[None])[0, 0].numpy()
+            audio = self.codec.decode(torch.from_numpy(batch))[:, 0].numpy()
+        return audio if codes.ndim == 3 else audio[0]
 
 
 def _stream(decoder, codes, min_frames: int) -> np.ndarray:
