@@ -23,7 +23,6 @@ import queue
 import sys
 import threading
 import time
-import wave
 from collections import deque
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from .api import (
     SpeechRequest,
     TextDelta,
 )
+from .audio_io import AudioError, decode_audio, encode_audio, resample
 from .codec import CodecDecoder, CodecEncoder, DecodeWindow, StreamingDecoder, decode_windows
 from .delay import AudioSegmentState, FrameAssembler
 from .manifest import Manifest, ModelSpec
@@ -318,9 +318,7 @@ class Engine:
         logits = self.runtime.prefill(slot, prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
         params = request.sampling
         window = max(params.ras_window, 0)
-        history = deque(maxlen=max(window, 1))
-        for column in prompt.audio_history.T[-window:] if window else ():
-            history.append(column)
+        history = deque(prompt.audio_history.T[-window:] if window else (), maxlen=max(window, 1))
         seq = _Sequence(
             request=request,
             handle=handle,
@@ -517,15 +515,6 @@ def _contiguous_runs(seqs: list[_Sequence]):
 # --- command line ------------------------------------------------------------------------------------
 
 
-def write_wav(path: Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    data = (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2")
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(sample_rate)
-        out.writeframes(data.tobytes())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.generate", description="Text to speech with exported Higgs Audio graphs.")
     parser.add_argument("--artifacts", type=Path, required=True, help="directory written by make export")
@@ -555,8 +544,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     references = ()
     if args.ref_audio is not None:
-        from .audio_io import AudioError, decode_audio, resample
-
         try:
             wave_in, rate = decode_audio(args.ref_audio.read_bytes(), args.ref_audio.suffix.lstrip("."))
             codes = engine.encode_reference(resample(wave_in, rate, SAMPLE_RATE))
@@ -587,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         if not busy:
             break
     pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    write_wav(args.out, pcm)
+    args.out.write_bytes(encode_audio(pcm, SAMPLE_RATE, "wav"))
     elapsed = time.perf_counter() - started
     print(
         f"wrote {args.out}: {pcm.size / SAMPLE_RATE:.2f}s of audio in {elapsed:.2f}s "

@@ -53,6 +53,7 @@ class Manifest:
     graphs: dict
     codec: dict | None
     tokenizer: Path | None
+    source: dict  # the checkpoint / codec directories it was exported from
 
     @classmethod
     def load(cls, artifacts_dir: str | Path) -> "Manifest":
@@ -71,6 +72,7 @@ class Manifest:
             graphs=data["graphs"],
             codec=data.get("codec"),
             tokenizer=root / data["tokenizer"] if data.get("tokenizer") else None,
+            source=data.get("source") or {},
         )
         for key, entry in manifest.graphs.items():
             if not (root / entry["file"]).is_file():

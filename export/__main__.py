@@ -10,14 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .llm import load_backbone
-from .onnx_export import copy_if_present, export_backbone, write_manifest
+from .onnx_export import DTYPES, copy_if_present, export_backbone, write_manifest
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MANIFEST_FORMAT = 1
 
 

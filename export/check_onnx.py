@@ -10,7 +10,6 @@ outputs for them, then runs `polygraphy run GRAPH --onnxrt --load-inputs ... --l
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,10 @@ from polygraphy.comparator import RunResults
 from polygraphy.comparator.struct import IterationResult
 from polygraphy.json import save_json
 
+from engines.manifest import Manifest, ManifestError
+
 from .llm import Mode, load_backbone
+from .onnx_export import DTYPES
 
 ATOL = {"float32": 1e-4, "float16": 1e-2}  # README: fp16 graphs vs the float32 reference
 GRAPH_MODES = {"prefill": Mode.MIXED, "text": Mode.TEXT, "audio": Mode.AUDIO}
@@ -94,16 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="LLM checkpoint (default: the one in manifest.json)")
     parser.add_argument("--codec", type=Path, help="codec checkpoint (default: the one in manifest.json)")
     args = parser.parse_args(argv)
-    manifest_path = args.artifacts / "manifest.json"
-    if not manifest_path.is_file():
-        parser.error(f"{manifest_path} not found: run make export first")
-    manifest = json.loads(manifest_path.read_text())
-    source = manifest.get("source", {})
-    checkpoint = args.checkpoint or Path(source["checkpoint"])
-    codec_dir = args.codec or (Path(source["codec"]) if source.get("codec") else None)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[manifest["dtype"]]
-    if manifest["dtype"] == "bfloat16":
+    try:
+        manifest = Manifest.load(args.artifacts)
+    except ManifestError as error:
+        parser.error(str(error))
+    checkpoint = args.checkpoint or Path(manifest.source["checkpoint"])
+    codec_dir = args.codec or (Path(manifest.source["codec"]) if manifest.source.get("codec") else None)
+    if manifest.dtype == "bfloat16":
         parser.error("bfloat16 graphs do not run on ONNX Runtime CPU; check them on TensorRT with make check-engine")
+    dtype = DTYPES[manifest.dtype]
     model = load_backbone(checkpoint, dtype)
     rng = np.random.default_rng(0)
     ok = True
@@ -111,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         for key, mode in GRAPH_MODES.items():
             feeds = _backbone_feeds(model.config, mode, torch.empty(0, dtype=dtype).numpy().dtype, rng)
             outputs = [_backbone_outputs(model, mode, feed) for feed in feeds]
-            ok &= _polygraphy(args.artifacts / manifest["graphs"][key]["file"], feeds, outputs, ATOL[manifest["dtype"]], Path(tmp))
-        if codec_dir is not None and "codec_decoder" in manifest["graphs"]:
+            ok &= _polygraphy(manifest.graph_path(key), feeds, outputs, ATOL[manifest.dtype], Path(tmp))
+        if codec_dir is not None and manifest.has("codec_decoder"):
             from .codec import load_codec
 
             codec = load_codec(codec_dir)
             feeds = _codec_feeds(rng)
             with torch.no_grad():
                 outputs = [{"audio": codec.decode(torch.from_numpy(f["codes"])).numpy()} for f in feeds]
-            ok &= _polygraphy(args.artifacts / manifest["graphs"]["codec_decoder"]["file"], feeds, outputs, 1e-5, Path(tmp))
+            ok &= _polygraphy(manifest.graph_path("codec_decoder"), feeds, outputs, 1e-5, Path(tmp))
     print("check-onnx: " + ("all graphs match the torch reference" if ok else "MISMATCH (see above)"))
     return 0 if ok else 1
 

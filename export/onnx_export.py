@@ -34,6 +34,7 @@ from torch import nn
 from .llm import KV, HiggsAudioBackbone, Mode
 
 OPSET = 24
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # make export DTYPE=
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096  # page-aligned tensors let runtimes memory-map the weights
 

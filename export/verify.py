@@ -192,12 +192,9 @@ def verify_codec(checkpoint: Path, golden, artifacts: Path | None, report: Repor
 
 def _warn_if_other_source(artifacts: Path, checkpoint: Path, role: str) -> None:
     """Graphs exported from another checkpoint cannot match its golden: say so up front."""
-    import json
+    from engines.manifest import Manifest
 
-    manifest = artifacts / "manifest.json"
-    if not manifest.is_file():
-        return
-    source = json.loads(manifest.read_text()).get("source", {}).get(role)
+    source = Manifest.load(artifacts).source.get(role)
     if source and Path(source).resolve() != checkpoint.resolve():
         print(f"[verify] warning: {artifacts} was exported from {source}, not {checkpoint}; expect ONNX mismatches")
 
