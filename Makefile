@@ -23,25 +23,39 @@ PRECISION  ?= fp16
 MAX_BATCH  ?= 64
 MAX_LEN    ?= 2048
 ENGINES    ?= $(ARTIFACTS)/engines
+RUNTIME    ?= ort-cpu
+# GPU runtimes serve as many slots as `make engine` builds for; ONNX Runtime on the CPU keeps the
+# server's own default of 8 unless MAX_BATCH is given (64 slots of a 3B cache would be 60 GB of RAM)
+SERVE_MAX_BATCH := $(if $(and $(filter ort-cpu,$(RUNTIME)),$(filter file,$(origin MAX_BATCH))),8,$(MAX_BATCH))
+GPU_STAMP  := $(VENV)/.installed-gpu
+REPLICAS   ?= 2
+RAY_STAMP  := $(VENV)/.installed-ray
+FUZZ_STAMP := $(VENV)/.installed-fuzz
+FUZZ_SECONDS ?= 150
 
-.PHONY: help setup demo test tiny export verify check-onnx engine check-engine generate bench serve clean
+.PHONY: help setup setup-extras setup-gpu gpu-check demo test tiny export verify check-onnx engine check-engine generate bench serve serve-ray fuzz clean
 
 help:
 	@echo "make demo      set up, build the tiny default (checkpoint + ONNX) and synthesise $(WAV)"
 	@echo "make test      set up and run the test suite"
-	@echo "make export    CHECKPOINT=DIR CODEC=DIR OUT=DIR [DTYPE=float32|float16|bfloat16]"
+	@echo "make export    CHECKPOINT=DIR CODEC=DIR OUT=DIR [DTYPE=float32|float16|bfloat16|int8|int4]"
 	@echo "make verify    CHECKPOINT=DIR GOLDEN=FILE [ARTIFACTS=DIR]"
 	@echo "make check-onnx ARTIFACTS=DIR [CHECKPOINT=DIR] polygraphy: ONNX Runtime vs torch reference (default: the exported checkpoint)"
 	@echo "make engine    ARTIFACTS=DIR [PRECISION=fp16|bf16|fp32] [MAX_BATCH=..] [MAX_LEN=..] [NO_PREFILL=1]"
 	@echo "make check-engine ARTIFACTS=DIR                polygraphy: TensorRT vs ONNX Runtime"
 	@echo "make generate  ARTIFACTS=DIR TEXT='...' WAV=out.wav"
-	@echo "make serve     [MODEL=name] [HOST=..] [PORT=..] [ARTIFACTS=DIR]"
+	@echo "make serve     [MODEL=name] [HOST=..] [PORT=..] [ARTIFACTS=DIR] [RUNTIME=ort-cpu|ort-cuda|tensorrt] [MAX_BATCH=..] [MAX_LEN=..]"
+	@echo "make serve-ray [REPLICAS=N] [ARTIFACTS=DIR] ... the same API on a local Ray Serve cluster, one engine per replica (docs/ray.md)"
+	@echo "make setup-gpu replace the CPU onnxruntime with the GPU extras (CUDA 13, driver 580+; docs/gpu.md)"
+	@echo "make gpu-check prove the GPU path on an NVIDIA machine; report in build/gpu-check/"
 	@echo "make bench     CPU benchmarks (ratios measured in one run)"
+	@echo "make fuzz      [FUZZ_SECONDS=150] schemathesis, all checks, against the live tiny server"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(GPU_STAMP)
 	@touch $@
 
 setup: $(STAMP)
@@ -81,7 +95,42 @@ generate: $(STAMP)
 	$(PY) -m engines.generate --artifacts $(ARTIFACTS) --text "$(TEXT)" --out $(WAV)
 
 serve: $(if $(filter command line,$(origin ARTIFACTS)),$(STAMP),build/tiny-onnx/manifest.json)
-	$(PY) -m serve --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --model $(MODEL)
+	$(PY) -m serve --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --model $(MODEL) \
+		--runtime $(RUNTIME) --max-batch $(SERVE_MAX_BATCH) --max-len $(MAX_LEN)
+
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[ray]'
+	@touch $@
+
+serve-ray: $(RAY_STAMP) $(if $(filter command line,$(origin ARTIFACTS)),,build/tiny-onnx/manifest.json)
+	$(PY) -m serve.ray_serve --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --model $(MODEL) \
+		--runtime $(RUNTIME) --max-batch $(SERVE_MAX_BATCH) --max-len $(MAX_LEN) --replicas $(REPLICAS)
+
+# onnxruntime and onnxruntime-gpu install the same `onnxruntime` module, and re-running the dev
+# install (pyproject.toml changed) puts the CPU one back over it: that drops this stamp, so the next
+# setup-gpu removes both and installs the GPU one alone again.
+$(GPU_STAMP): $(STAMP)
+	$(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu
+	$(PY) -m pip install --quiet -e '.[gpu,trt]'
+	$(PY) -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider' in o.get_available_providers() else 'onnxruntime ' + o.__version__ + ' has no CUDAExecutionProvider after the GPU install; see docs/gpu.md')"
+	@touch $@
+
+setup-gpu: $(GPU_STAMP)
+
+# not tied to setup-gpu: on a machine without an NVIDIA GPU it must say so at once, installing nothing
+gpu-check:
+	@test -x $(PY) || { echo "gpu-check: no $(VENV) yet: run make setup-gpu on an NVIDIA machine first"; exit 2; }
+	$(PY) -m bench.gpu_check
+
+$(FUZZ_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[fuzz]'
+	@touch $@
+
+# what CI adds to `make test` so the optional parts run instead of skipping (the browser comes from Debian, .ci/run)
+setup-extras: $(RAY_STAMP) $(FUZZ_STAMP)
+
+fuzz: $(FUZZ_STAMP) build/tiny-onnx/manifest.json
+	$(PY) tests/fuzz.py --artifacts build/tiny-onnx --max-time $(FUZZ_SECONDS)
 
 bench: $(STAMP)
 	$(PY) -m bench

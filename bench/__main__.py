@@ -5,7 +5,9 @@
 Sections: 1 `steps` decode step ORT vs torch (tiny, mid; audio/text; batch 1, 4); 2 `export` export
 time + peak RSS (v2.5-1b in bf16 and fp16), load_backbone time + peak RSS, weight sizes; 3 `loop`
 Engine.step loop vs raw graph step, time to first audio, batch 4; 4 `codec` encoder / decoder
-(one-shot and streaming) ORT vs torch, tiny and real-size codec. Everything is built from fresh
+(one-shot and streaming) ORT vs torch, tiny and real-size codec; 5 `host` host overhead per step
+(Engine.step over a zero-cost backbone, batch 1-64) beside the real ORT audio step; 6 `real` the v2.5-1b
+in float32 / int8 / int4 with the real-size codec (bench/real.py). Everything is built from fresh
 random checkpoints in a temporary folder that is removed at the end. A full run (no --quick, no
 --only) writes its results into the CPU section of docs/benchmarks.md.
 """
@@ -24,8 +26,8 @@ from pathlib import Path
 from .common import CPU_HEADING, CpuLoad, Section, format_table, machine_description, today, write_doc_section
 from .cpu import SECTIONS, Config, Workspace, prebuild_chains
 
-ORDER = ["steps", "export", "loop", "codec"]  # report order (section numbers)
-RUN_ORDER = ["steps", "loop", "codec", "export"]  # the long export section last
+ORDER = ["steps", "export", "loop", "codec", "host", "real"]  # report order (section numbers)
+RUN_ORDER = ["steps", "loop", "codec", "host", "real", "export"]  # the long export section last
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
@@ -64,8 +66,8 @@ def doc_body(sections: list[Section], command: str, total: float, cfg: Config, m
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~2 minute subset (tiny configs only; export of the tiny checkpoint)")
-    parser.add_argument("--only", action="append", choices=ORDER, type=lambda v: ORDER[int(v) - 1] if v in ("1", "2", "3", "4") else v,
-                        metavar="SECTION", help=f"run only this section (repeatable): {', '.join(ORDER)} (or 1-4)")
+    parser.add_argument("--only", action="append", choices=ORDER, type=lambda v: ORDER[int(v) - 1] if v in ("1", "2", "3", "4", "5", "6") else v,
+                        metavar="SECTION", help=f"run only this section (repeatable): {', '.join(ORDER)} (or 1-6)")
     parser.add_argument("--threads", type=int, default=0, help="threads for torch and ONNX Runtime (default: all usable cores)")
     parser.add_argument("--export-dtypes", default=None, help="comma-separated dtypes for the export section (default: bfloat16,float16)")
     parser.add_argument("--write-doc", action="store_true", help="write docs/benchmarks.md even for --quick / --only runs")

@@ -3,6 +3,7 @@
     python -m bench._child load CHECKPOINT_DIR DTYPE     time export.llm.load_backbone
     python -m bench._child write-codec OUT_DIR SIZE      export.tiny_codec.write_tiny_codec
     python -m bench._child export-codec CODEC_DIR OUT    codec_decoder.onnx + codec_encoder.onnx only
+    python -m bench._child serve ARTIFACTS CODEC_ONNX STEPS PREFILL   engine start-up, one greedy request (PREFILL: graph|split)
 
 Output ends with `BENCH_RESULT {json}` and `BENCH_PEAK_RSS <bytes>` (this process's VmHWM).
 """
@@ -90,12 +91,41 @@ def export_codec(codec_dir: str, out: str) -> dict:
     return {"seconds": time.perf_counter() - started, "graphs": sorted(graphs)}
 
 
+def serve(artifacts: str, codec_onnx: str, steps: str, prefill: str) -> dict:
+    """What a server does before it reports healthy (backbone sessions, codec, warm-up), then one
+    greedy request of `steps` audio steps with stream EOS masked: start-up seconds and RSS.
+    prefill 'split' skips the prefill session: ORT prepacks every MatMul weight into the session's
+    own heap, so the prefill session is a second private copy of every weight."""
+    from engines.api import SamplingParams, SpeechRequest
+    from engines.codec import CodecDecoder
+    from engines.generate import Engine
+    from engines.manifest import Manifest
+    from engines.ort_runtime import OrtBackbone
+    from engines.prompt import PromptRenderer, tts_messages
+
+    from .cpu import LOOP_TEXT, _no_stream_eos
+
+    started = time.perf_counter()
+    manifest = Manifest.load(artifacts)
+    runtime = _no_stream_eos(OrtBackbone(manifest, max_batch=1, max_len=512, prefill_graph=prefill == "graph"))
+    renderer = PromptRenderer(manifest.tokenizer, manifest.model.num_codebooks)
+    engine = Engine(runtime, CodecDecoder(codec_onnx, ["CPUExecutionProvider"]), renderer=renderer)
+    engine.warmup()
+    startup, rss_ready = time.perf_counter() - started, _rss()
+    handle = engine.submit(SpeechRequest(tts_messages(LOOP_TEXT), sampling=SamplingParams(temperature=0.0), max_tokens=int(steps)))
+    while engine.step():
+        pass
+    handle.poll()
+    engine.shutdown()
+    return {"startup_seconds": startup, "rss_ready": rss_ready, "rss_end": _rss()}
+
+
 def main(argv: list[str]) -> int:
     from ._peak import report_at_exit
 
     report_at_exit()
     task, *args = argv
-    tasks = {"load": load, "write-codec": write_codec, "export-codec": export_codec}
+    tasks = {"load": load, "write-codec": write_codec, "export-codec": export_codec, "serve": serve}
     if task not in tasks:
         print(f"unknown task {task!r}: {sorted(tasks)}", file=sys.stderr)
         return 2

@@ -309,7 +309,7 @@ def open_backend(runtime: str, artifacts: Path, manifest: Manifest, args) -> Run
         from engines.ort_runtime import OrtBackbone
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise Skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider: pip install '.[gpu]'")
+            raise Skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider: make setup-gpu")
         return RuntimeBackend(OrtBackbone(manifest, max_batch=max_batch, max_len=args.max_len, device="cuda"), args.context)
     from engines.trt_runtime import EngineMismatch, MissingDependency, TrtBackbone, import_cudart, import_tensorrt
 
@@ -355,14 +355,19 @@ def measure(size: str, runtime: str, artifacts: Path, manifest: Manifest, args, 
     return rows
 
 
-def versions() -> str:
-    parts = []
+def module_versions() -> dict[str, str]:
+    """Version of each GPU-side Python package, 'missing' where it is not installed."""
+    found = {}
     for name, module in (("tensorrt", "tensorrt"), ("onnxruntime", "onnxruntime"), ("torch", "torch"), ("cuda-python", "cuda.bindings")):
         try:
-            parts.append(f"{name} {getattr(__import__(module, fromlist=['_']), '__version__', '?')}")
+            found[name] = str(getattr(__import__(module, fromlist=["_"]), "__version__", "?"))
         except ImportError:
-            parts.append(f"{name} missing")
-    return ", ".join(parts)
+            found[name] = "missing"
+    return found
+
+
+def versions() -> str:
+    return ", ".join(f"{name} {version}" for name, version in module_versions().items())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import threading
 import uuid
-from typing import AsyncIterator, Literal, Protocol, Union
+from typing import AsyncIterator, Callable, Literal, Protocol, Union
 
 import numpy as np
 
@@ -37,7 +37,16 @@ class AudioCodes:
     codes: np.ndarray
 
 
-Content = Union[str, AudioCodes]
+@dataclasses.dataclass(frozen=True)
+class SpecialToken:
+    """One special token by name (e.g. "<|scene_desc_start|>", "<SE>"). Text pieces are tokenized as
+    plain text, so structure (scene blocks, sound-event tags) enters a prompt only as these pieces,
+    placed by the server's own prompt building, never parsed out of client text."""
+
+    name: str
+
+
+Content = Union[str, AudioCodes, SpecialToken]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +190,9 @@ class SpeechEngine(Protocol):
 
     def encode_reference(self, wave_24k: np.ndarray) -> AudioCodes:
         """Codec-encode a 24 kHz mono float32 reference clip (voice cloning)."""
+
+    def add_finish_listener(self, callback: Callable[[SpeechRequest, Finished], None]) -> None:
+        """callback(request, finished) as each request ends, cancelled ones included (metrics)."""
 
     def shutdown(self, drain: bool = True) -> None:
         """Stop the worker: finish (drain) or cancel what is running."""

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import fractions
 import io
+import itertools
+import logging
 import struct
+import time
 
 import av
 import numpy as np
 import soxr
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("wav", "pcm", "flac", "mp3", "opus", "aac")
 MEDIA_TYPES = {
@@ -49,13 +54,38 @@ class AudioError(ValueError):
     """The bytes are not usable audio (undecodable, empty, too long)."""
 
 
-def decode_audio(data: bytes, fmt_hint: str | None = None, max_seconds: float | None = None
-                 ) -> tuple[np.ndarray, int]:
-    """Decode any FFmpeg-readable clip to (float32 mono, sample rate); channels are averaged.
+# Client clips are decoded behind a closed door (FFmpeg 8 as bundled with PyAV 18.1):
+# * only these demuxers, by name. FFmpeg's probe still picks among them, but
+#   avformat_open_input refuses any other result ("Format not on whitelist", libavformat/demux.c),
+#   so concat/ffconcat, hls, sdp/rtp, image sequences and the like never run;
+# * no protocols at all: the input is our own AVIOContext (PyAV's Python IO), so an empty
+#   protocol_whitelist only stops what a demuxer would open by itself (a file, a socket);
+# * only these decoders (checked on the stream before decoding; codec_whitelist also bounds what
+#   avformat_find_stream_info opens);
+# * a time limit (PyAV's interrupt callback while opening, a deadline while decoding).
+_CONTAINERS = ("wav", "flac", "mp3", "ogg", "aac", "mov", "matroska")  # mov = mp4/m4a; matroska = webm/mka
+_DECODERS = ("pcm_u8", "pcm_s16le", "pcm_s24le", "pcm_s32le", "pcm_f32le", "pcm_f64le", "pcm_alaw", "pcm_mulaw",
+             "flac", "mp3float", "mp3", "vorbis", "opus", "libopus", "aac", "alac")
+_OPEN_OPTIONS = {"format_whitelist": ",".join(_CONTAINERS), "protocol_whitelist": "",
+                 "codec_whitelist": ",".join(_DECODERS)}
+_UNSUPPORTED = "not a supported audio file (wav, flac, mp3, ogg vorbis/opus, aac, m4a or webm)"
+# Downmix in FFmpeg's resampler with the matrix normalised to a peak gain of 1 (swr option
+# rematrix_maxval, https://ffmpeg.org/ffmpeg-resampler.html): stereo becomes the mean of its
+# channels (what upstream's librosa load does), more channels FFmpeg's standard downmix scaled
+# so that it cannot clip. Never index planes: PyAV 18.1 crashes on frames of 8+ channels there.
+_MONO = {"format": "flt", "layout": "mono", "options": {"rematrix_maxval": "1.0"}}
+DECODE_TIME_LIMIT_S = 10.0  # far beyond what max_seconds of any listed format takes to decode
+
+
+def decode_audio(data: bytes, fmt_hint: str | None = None, max_seconds: float | None = None,
+                 time_limit: float = DECODE_TIME_LIMIT_S) -> tuple[np.ndarray, int]:
+    """Decode a client clip to (float32 mono, sample rate).
 
     The hint picks the demuxer first (raw `pcm` has no header to probe); a wrong hint falls back
-    to probing, since clients often label mp3 bytes "wav". `max_seconds` stops decoding early so
-    a small compressed upload cannot expand into an unbounded waveform.
+    to probing among the allowed containers, since clients often label mp3 bytes "wav".
+    `max_seconds` stops decoding early so a small compressed upload cannot expand into an
+    unbounded waveform. Errors say what is accepted and never echo FFmpeg's text, which can
+    name paths on this machine.
     """
     if not data:
         raise AudioError("audio is empty")
@@ -66,43 +96,42 @@ def decode_audio(data: bytes, fmt_hint: str | None = None, max_seconds: float | 
         wave = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
         _check_duration(len(wave), PCM_INPUT_RATE, max_seconds)
         return wave, PCM_INPUT_RATE
+    deadline = time.monotonic() + time_limit
     demuxer = _DEMUXERS.get(hint)
-    try:
-        return _decode_with(data, demuxer, max_seconds)
-    except AudioError:
-        raise
-    except (av.FFmpegError, ValueError, IndexError) as first:
-        if demuxer is None:
-            raise AudioError(f"could not decode audio: {_reason(first)}") from first
-    try:
-        return _decode_with(data, None, max_seconds)
-    except AudioError:
-        raise
-    except (av.FFmpegError, ValueError, IndexError) as exc:
-        raise AudioError(f"could not decode audio as {hint!r} or any known format: {_reason(exc)}") from exc
+    for attempt in ((demuxer, None) if demuxer else (None,)):
+        try:
+            return _decode_with(data, attempt, max_seconds, deadline)
+        except AudioError:
+            raise
+        except (av.FFmpegError, ValueError, IndexError, OSError) as exc:
+            log.debug("decoding a clip as %s failed: %s", attempt or "any allowed container", exc)
+    raise AudioError(f"could not decode audio: {_UNSUPPORTED}")
 
 
-def _reason(exc: Exception) -> str:
-    return getattr(exc, "strerror", None) or str(exc)
-
-
-def _decode_with(data: bytes, demuxer: str | None, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
+def _decode_with(data: bytes, demuxer: str | None, max_seconds: float | None, deadline: float
+                 ) -> tuple[np.ndarray, int]:
+    remaining = max(deadline - time.monotonic(), 0.001)
+    with av.open(io.BytesIO(data), mode="r", format=demuxer, options=_OPEN_OPTIONS, timeout=remaining) as container:
         if not container.streams.audio:
             raise AudioError("the file has no audio stream")
         stream = container.streams.audio[0]
-        to_float = av.AudioResampler(format="fltp")  # keeps layout and rate; mixdown is ours
-        parts, total, rate = [], 0, None
-        for frame in container.decode(stream):
-            for converted in to_float.resample(frame):
+        if stream.codec_context.name not in _DECODERS:
+            raise AudioError(f"audio codec {stream.codec_context.name!r} is not supported; use pcm, flac, mp3, "
+                             "vorbis, opus, aac or alac")
+        to_mono = av.AudioResampler(**_MONO)  # keeps the rate: soxr resamples later
+        parts: list[np.ndarray] = []
+        total, rate = 0, 0
+        for frame in itertools.chain(container.decode(stream), [None]):  # None flushes the resampler
+            for converted in to_mono.resample(frame):
                 rate = converted.sample_rate
-                planes = converted.to_ndarray()  # (channels, samples)
-                parts.append(planes.mean(axis=0, dtype=np.float32))
-                total += planes.shape[1]
-                _check_duration(total, rate, max_seconds)
-    if not total:
+                parts.append(converted.to_ndarray().reshape(-1))
+                total += converted.samples
+            _check_duration(total, rate, max_seconds)
+            if time.monotonic() > deadline:
+                raise AudioError("audio took too long to decode")
+    if not parts:
         raise AudioError("the audio stream decoded to no samples")
-    return np.concatenate(parts).astype(np.float32, copy=False), int(rate)
+    return np.concatenate(parts).astype(np.float32, copy=False), rate
 
 
 def _check_duration(samples: int, rate: int, max_seconds: float | None) -> None:

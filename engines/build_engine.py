@@ -17,15 +17,14 @@ all three, since a split prefill runs text and audio graphs over whole prompt ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
-import os
 import sys
 import threading
 import time
 from pathlib import Path
 
+from .graph_edit import attention_nodes, edited_graph
 from .manifest import Manifest, ManifestError
 from .trt_runtime import (
     CACHE_ITEMSIZE,
@@ -69,20 +68,50 @@ def fix_cache_dims(model, max_len: int) -> list[str]:
     return [v.name for v in caches]
 
 
-@contextlib.contextmanager
-def static_cache_graph(path: Path, max_len: int):
-    """A copy of the graph at `path` with the cache length fixed, next to weights.bin (so its
-    relative external data references resolve), removed afterwards."""
+NONPAD_INPUT = 6  # ONNX Attention-24 inputs: Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen
+
+
+def drop_nonpad_kv_seqlen(model) -> int:
+    """Remove `nonpad_kv_seqlen` from every Attention node, in place; returns how many nodes.
+
+    The exported mask (`key <= position`) already excludes every key at or past
+    `nonpad_kv_seqlen`, so the result is the same model. TensorRT's importer builds its IAttention
+    from Q, K, V and the mask alone and never reads input 6 (onnx-tensorrt onnxOpImporters.cpp,
+    `DEFINE_BUILTIN_OP_IMPORTER(Attention)`): the graph it is given says exactly what it computes."""
+    nodes = attention_nodes(model)
+    for node in nodes:
+        del node.input[NONPAD_INPUT:]
+        while node.input and not node.input[-1]:  # trailing empty optional inputs (past_key / past_value)
+            del node.input[-1]
+    return len(nodes)
+
+
+def mark_decomposable(model) -> None:
+    """Set `TRT_decomposable=1` on every Attention node, in place. Without it the importer asks for
+    a fused IAttention kernel and the build fails wherever none exists for the shapes / precision
+    (onnxOpImporters.cpp: `attrs.get<int64_t>("TRT_decomposable", 0)` -> `IAttention::setDecomposable`).
+    The attribute is TensorRT's own: onnx.checker and onnxruntime reject the marked graph."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    for node in attention_nodes(model):
+        kept = [a for a in node.attribute if a.name != "TRT_decomposable"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [onnx.helper.make_attribute("TRT_decomposable", 1)])
+
+
+def tensorrt_graph(model, max_len: int, decomposable: bool = True) -> None:
+    """The edits TensorRT needs, in place: static cache length, no nonpad_kv_seqlen and (unless
+    `decomposable` is False, which leaves a graph ONNX Runtime can still run) decomposable attention."""
     fix_cache_dims(model, max_len)
-    static = path.parent / f".{path.stem}.max_len{max_len}.{os.getpid()}.onnx"
-    onnx.save(model, str(static))
-    try:
-        yield static
-    finally:
-        static.unlink(missing_ok=True)
+    drop_nonpad_kv_seqlen(model)
+    if decomposable:
+        mark_decomposable(model)
+
+
+def static_cache_graph(path: Path, max_len: int, decomposable: bool = True):
+    """A copy of the graph at `path` prepared by `tensorrt_graph`, next to weights.bin (so its
+    relative external data references resolve), removed when the `with` block ends."""
+    return edited_graph(path, lambda model: tensorrt_graph(model, max_len, decomposable), f"max_len{max_len}")
 
 
 # --- profiles -----------------------------------------------------------------------------------

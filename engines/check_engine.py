@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import Manifest, ManifestError
+from .ort_runtime import provider_name
 from .trt_runtime import EngineMismatch, MissingDependency, TrtBackbone, import_cudart, import_tensorrt, load_engines_meta
 
 # (rtol, atol) on logits and caches: fp32 engines may use TF32 matmuls (TensorRT's default on Ampere+);
@@ -174,13 +175,20 @@ def trt_runner_class(BaseRunner, TensorMetadata):
 # --- command line --------------------------------------------------------------------------------
 
 
-def ort_providers(device: str) -> list[str]:
+def ort_providers(device: str) -> list:
+    """The reference's providers, as the serving runtime builds them (driver check, CUDA libraries preloaded)."""
     import onnxruntime as ort
 
-    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    from .gpu_env import GpuUnavailable
+    from .ort_runtime import CUDA_EP, providers_for
+
+    has_cuda = CUDA_EP in ort.get_available_providers()
     if device == "cuda" and not has_cuda:
-        raise MissingDependency("--ort-device cuda needs onnxruntime-gpu: pip install '.[gpu]'")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" or (device == "auto" and has_cuda) else ["CPUExecutionProvider"]
+        raise MissingDependency("--ort-device cuda needs onnxruntime-gpu: make setup-gpu (pip install '.[gpu]')")
+    try:
+        return providers_for("cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu")
+    except GpuUnavailable as error:
+        raise MissingDependency(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     rtol, atol = TOLERANCES[meta["precision"]]
     rtol, atol = args.rtol if args.rtol is not None else rtol, args.atol if args.atol is not None else atol
     cache_len, batch = meta["max_len"], max(1, min(args.batch, meta["max_batch"]))
-    log(f"{meta['precision']} engines ({meta['tensorrt_version']}, built on {meta['gpu']['name']}) vs ONNX Runtime {providers[0]}")
+    log(f"{meta['precision']} engines ({meta['tensorrt_version']}, built on {meta['gpu']['name']}) vs ONNX Runtime {provider_name(providers[0])}")
     log(f"tolerances: rtol {rtol}, atol {atol} (|trt - ort| <= atol + rtol * |ort|, every element of logits and caches)")
     try:
         prompt = render_prompt(manifest, cache_len, batch)

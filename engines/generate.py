@@ -6,9 +6,13 @@ cache. One engine iteration:
 
 1. admits waiting requests into free slots and prefills their prompts;
 2. for every active sequence, turns its latest logits into a token: AUDIO_INIT (forced all-BOS
-   column), an audio column (sampling, RAS, delay ramp rules) or a text token; streams the audio
-   frames that became final through the chunked codec decoder; applies the stop rules;
-3. feeds every sequence its new column / token: all audio feeds in one graph call, text feeds in
+   column), an audio column (sampling, RAS, delay ramp rules) or a text token; plans the codec
+   windows of the audio frames that became final; applies the stop rules. The per-step state is
+   arrays indexed by slot, so the audio columns of all sequences inside a segment are a few array
+   operations whatever the batch (the host's share of a GPU step; `make bench` section 5);
+3. hands the step's events to the codec thread, which decodes the windows in batched calls while
+   the engine goes on, and pushes every request's events in order;
+4. feeds every sequence its new column / token: all audio feeds in one graph call, text feeds in
    one call per contiguous run of slots.
 
 `python -m engines.generate` is the command-line front end (text in, WAV out).
@@ -23,7 +27,7 @@ import queue
 import sys
 import threading
 import time
-from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,42 +45,38 @@ from .api import (
 )
 from .audio_io import AudioError, decode_audio, encode_audio, resample
 from .codec import CodecDecoder, CodecEncoder, DecodeWindow, StreamingDecoder, decode_windows
-from .delay import AudioSegmentState, FrameAssembler
+from .delay import ColumnLog, DelayRamps
 from .manifest import Manifest, ModelSpec
 from .prompt import PromptRenderer, StopMatcher, expand_prompt, tts_messages
 from .runtime import BackboneRuntime
-from .sampling import check_params, params_to_arrays, ras_redraw, ras_window, sample
+from .sampling import RAS_PAD, GraphSampler, HostSampler, check_params, ras_redo, sample
 
 log = logging.getLogger("higgs.engine")
 
 
 @dataclasses.dataclass
 class _Sequence:
-    """One request in flight."""
+    """One request in flight: what is rare or per request. The per-step state (positions, step
+    counts, sampling parameters, delay counters, audio-out columns) lives in the engine's arrays,
+    indexed by slot, so a step handles every sequence's audio column at once."""
 
     request: SpeechRequest
     handle: Generation
     slot: int
-    cache_length: int
     prompt_tokens: int
-    max_tokens: int
-    last_token: int
     rng: np.random.Generator
-    history: deque  # recent audio-out columns (the RAS window source), newest last
     stop: StopMatcher
     streamer: StreamingDecoder | None  # None: no codec (LLM-only artifacts), segments only
     text_logits: np.ndarray | None = None
-    audio_logits: np.ndarray | None = None
-    steps: int = 0
     text_ids: list[int] = dataclasses.field(default_factory=list)
-    segments: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
-    segment_state: AudioSegmentState | None = None
-    assembler: FrameAssembler | None = None
+    segments: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # [start, stop) in the column log
     audio_samples: int = 0
     audio_ended: bool = False  # the latest audio segment ended by itself (stream EOS)
-    feed: tuple[str, object] | None = None  # ("audio", column) or ("text", token id)
     outbox: list = dataclasses.field(default_factory=list)  # this step's events and codec windows, in order
     submitted_at: float = dataclasses.field(default_factory=time.monotonic)
+
+
+_NO_FEED, _AUDIO_FEED, _TEXT_FEED = 0, 1, 2
 
 
 class Engine:
@@ -91,7 +91,9 @@ class Engine:
         model_name: str = "higgs-audio-v2",
         max_queue: int = 64,
         stream_frames: int = 8,
+        sampler=None,
     ):
+        """sampler: draws the audio codes of a step (`HostSampler`, the default, or `GraphSampler`)."""
         self.runtime = runtime
         self.spec: ModelSpec = runtime.spec
         self.codec = codec
@@ -111,7 +113,30 @@ class Engine:
         self._wake = threading.Event()  # set by submit: the idle worker has something to admit
         self._finish_listeners: list = []
         self._outboxes: list[_Sequence] = []  # sequences with something to deliver at the end of the step
+        # codec windows are decoded (and events delivered) on this thread while the next backbone step runs
+        self._codec_thread = ThreadPoolExecutor(1, thread_name_prefix="higgs-codec") if codec is not None else None
+        self._delivery: Future | None = None  # the latest step's delivery
+        self._codec_error: Exception | None = None
         self._thread: threading.Thread | None = None
+        self.sampler = sampler or HostSampler()
+        slots, n = runtime.max_batch, self.spec.num_codebooks
+        self._last_token = np.zeros(slots, np.int64)
+        self._cache_length = np.zeros(slots, np.int64)
+        self._steps = np.zeros(slots, np.int64)
+        self._max_tokens = np.zeros(slots, np.int64)
+        self._temperature = np.zeros(slots)
+        self._top_k = np.zeros(slots, np.int64)
+        self._top_p = np.ones(slots)
+        self._ras_window = np.zeros(slots, np.int64)
+        self._ras_max_repeat = np.zeros(slots, np.int64)
+        self._ramps = DelayRamps(slots, n, self.spec.stream_bos_id, self.spec.stream_eos_id)
+        # generated columns <= capacity, plus a RAS history prefix of at most as many prompt columns
+        self._log = ColumnLog(slots, n, 2 * runtime.capacity)
+        self._feed_kind = np.zeros(slots, np.int8)
+        self._feed_audio = np.zeros((slots, n), np.int64)
+        self._feed_token = np.zeros(slots, np.int64)
+        self._audio_logits = np.zeros((0, n, self.spec.codebook_stride), np.float32)  # of the last audio step
+        self._audio_row = np.zeros(slots, np.int64)  # slot -> its row in _audio_logits
         self.stats = {"steps": 0, "graph_seconds": 0.0, "loop_seconds": 0.0, "audio_seconds": 0.0, "requests": 0}
 
     # -- construction -------------------------------------------------------------------------------
@@ -151,6 +176,7 @@ class Engine:
             )
         encoder = CodecEncoder(manifest.graph_path("codec_encoder"), providers) if manifest.has("codec_encoder") else None
         renderer = PromptRenderer(manifest.tokenizer, manifest.model.num_codebooks) if manifest.tokenizer else None
+        kwargs.setdefault("sampler", _sampler_for(manifest, runtime))
         return cls(backbone, codec, renderer=renderer, encoder=encoder, **kwargs)
 
     # -- SpeechEngine protocol ----------------------------------------------------------------------
@@ -196,10 +222,13 @@ class Engine:
         with self._close_lock:
             if not self._closed:
                 self._closed = True
+                if self._codec_thread is not None:
+                    self._codec_thread.shutdown(wait=True)
                 self.runtime.close()
 
     def add_finish_listener(self, callback) -> None:
-        """callback(request, finished) runs on the engine thread as each request ends (metrics, tests)."""
+        """callback(request, finished) runs as each request's Finished is delivered (metrics, tests): on the
+        codec thread when the engine has a codec, else on the engine thread."""
         self._finish_listeners.append(callback)
 
     def active_requests(self) -> int:
@@ -228,7 +257,8 @@ class Engine:
         slot = 0
         self.runtime.prefill(slot, np.array([spec.bos_token_id] * 2), np.zeros((2, spec.num_codebooks)), np.zeros(2, bool))
         self.runtime.text_step(np.array([slot]), np.array([spec.bos_token_id]), np.array([2]))
-        self.runtime.audio_step(np.array([slot]), np.full((1, spec.num_codebooks), spec.stream_bos_id), np.array([3]))
+        logits = self.runtime.audio_step(np.array([slot]), np.full((1, spec.num_codebooks), spec.stream_bos_id), np.array([3]))
+        self.sampler(logits, np.ones(1), np.zeros(1, np.int64), np.ones(1), np.zeros((1, 2, spec.num_codebooks)))
         if self.codec is not None:
             self.codec.decode(np.zeros((self.codec.num_quantizers, 2 * self.codec.context_frames + 1), np.int64))
         self._ready.set()
@@ -250,21 +280,27 @@ class Engine:
         for seq in list(self._active.values()):
             self._finish(seq, "cancelled", None)
         self._deliver()
+        self._wait_for_delivery()
         while not self._pending.empty():
             handle, _ = self._pending.get_nowait()
             self._end(handle, Finished("cancelled", None, 0, 0, 0.0, error="server shutting down"))
 
     def step(self) -> bool:
-        """One iteration (admit, sample, feed). Returns False when there is nothing to do."""
+        """One iteration (admit, sample, feed). Returns False, once every event is delivered, when there is
+        nothing to do."""
         started = time.perf_counter()
+        if self._codec_error is not None:
+            error, self._codec_error = self._codec_error, None
+            raise RuntimeError(f"codec decode failed: {error}") from error
         self._admit()
         if not self._active:
+            self._wait_for_delivery()
             return False
         for seq in list(self._active.values()):
             if seq.handle.cancelled:
-                log.info("request %s cancelled by the client after %d steps", seq.request.request_id, seq.steps)
+                log.info("request %s cancelled by the client after %d steps", seq.request.request_id, self._steps[seq.slot])
                 self._finish(seq, "cancelled", None)
-        self._decide(list(self._active.values()))
+        self._decide()
         self._deliver()
         self.stats["graph_seconds"] += self._feed()
         self.stats["steps"] += 1
@@ -318,22 +354,25 @@ class Engine:
         logits = self.runtime.prefill(slot, prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
         params = request.sampling
         window = max(params.ras_window, 0)
-        history = deque(prompt.audio_history.T[-window:] if window else (), maxlen=max(window, 1))
+        history = prompt.audio_history
+        self._log.reset(slot, history[:, history.shape[1] - min(window, history.shape[1], self.runtime.capacity):])
         seq = _Sequence(
             request=request,
             handle=handle,
             slot=slot,
-            cache_length=len(prompt.input_ids),
             prompt_tokens=len(prompt.input_ids),
-            last_token=int(prompt.input_ids[-1]),
             rng=np.random.default_rng(params.seed),
-            history=history,
-            max_tokens=max_tokens,
             stop=stop,
             streamer=StreamingDecoder(self.codec, min_frames=self.stream_frames) if self.codec else None,
             text_logits=logits.text,
-            audio_logits=logits.audio,
         )
+        self._last_token[slot] = prompt.input_ids[-1]
+        self._cache_length[slot] = len(prompt.input_ids)
+        self._steps[slot] = 0
+        self._max_tokens[slot] = max_tokens
+        self._temperature[slot], self._top_k[slot], self._top_p[slot] = params.temperature, params.top_k or 0, params.top_p
+        self._ras_window[slot], self._ras_max_repeat[slot] = window, params.ras_max_repeat
+        self._feed_kind[slot] = _NO_FEED
         self._free_slots.remove(slot)
         self._active[slot] = seq
         self.stats["requests"] += 1
@@ -348,39 +387,61 @@ class Engine:
         }
 
     # -- deciding the next token of every sequence ----------------------------------------------------
-    def _decide(self, seqs: list[_Sequence]) -> None:
+    def _decide(self) -> None:
+        """Every active sequence's next item, in arrays over the slots: audio columns of all
+        sequences inside a segment at once; segment starts and ends and text tokens one by one."""
         spec = self.spec
-        audio = [s for s in seqs if s.last_token == spec.audio_out_token_id]
-        text = [s for s in seqs if s.last_token not in (spec.audio_out_token_id, spec.audio_out_bos_token_id)]
-        for seq in seqs:
-            if seq.last_token == spec.audio_out_bos_token_id:  # AUDIO_INIT: forced, no sampling, no RNG
-                seq.segment_state = AudioSegmentState(spec.num_codebooks, spec.stream_bos_id, spec.stream_eos_id)
-                seq.assembler = FrameAssembler(spec.num_codebooks, spec.codebook_size)
-                seq.segments.append([])
+        slots = np.fromiter(self._active, np.int64, len(self._active))
+        last = self._last_token[slots]
+        starting = slots[last == spec.audio_out_bos_token_id]
+        audio = slots[last == spec.audio_out_token_id]
+        text = slots[(last != spec.audio_out_token_id) & (last != spec.audio_out_bos_token_id)]
+        if starting.size:  # AUDIO_INIT: forced all-BOS column, no sampling, no RNG
+            self._log.start_segment(starting)
+            for slot in starting:
+                seq = self._active[slot]
+                seq.segments.append([int(self._log.length[slot]), None])
                 seq.audio_ended = False
-                self._emit_column(seq, seq.segment_state.first_column(), spec.audio_out_token_id)
-        if audio:
-            for seq, column in zip(audio, self._sample_audio(audio)):
-                column, ended = seq.segment_state.step(column)
-                self._emit_column(seq, column, spec.audio_eos_token_id if ended else spec.audio_out_token_id)
-        if text:
-            for seq, token in zip(text, self._sample_text(text)):
-                self._record(seq, int(token))
+            self._audio_columns(starting, self._ramps.start(starting), np.zeros(starting.size, bool))
+        if audio.size:
+            self._audio_columns(audio, *self._ramps.step(audio, self._sample_audio(audio)))
+        if text.size:
+            tokens = self._sample_text(text)
+            self._steps[text] += 1
+            for slot, token in zip(text, tokens):
+                self._record(self._active[slot], int(token))
 
-    def _emit_column(self, seq: _Sequence, column: np.ndarray, token: int) -> None:
-        seq.segments[-1].append(column)
-        seq.history.append(column)
-        self._stream(seq, seq.assembler.push(column))
-        if token == self.spec.audio_eos_token_id:
-            self._close_segment(seq)
-            seq.audio_ended = True
-        self._record(seq, token, column)
+    def _audio_columns(self, slots: np.ndarray, columns: np.ndarray, ended: np.ndarray) -> None:
+        """Store one column per slot, stream the frames it made final, apply the stop rules and plan
+        the next feed. Columns inside a segment take the array path; a segment's first column
+        (a text id in upstream's list) and its last (<|audio_eos|>) go through `_record`."""
+        spec = self.spec
+        self._log.append(slots, columns)
+        self._steps[slots] += 1
+        if self.codec is not None:
+            ready, frames = self._log.released_frames(slots, spec.codebook_size)
+            for i in np.flatnonzero(ready):
+                seq = self._active[slots[i]]
+                self._plan(seq, seq.streamer.plan_push(frames[i][:, None]))
+        inner = ~ended & (self._last_token[slots] == spec.audio_out_token_id)
+        plain = slots[inner]
+        done = self._steps[plain] >= self._max_tokens[plain]
+        for slot in plain[done]:
+            self._finish(self._active[slot], "length", None)
+        self._feed_kind[plain[~done]] = _AUDIO_FEED
+        self._feed_audio[plain[~done]] = columns[inner][~done]
+        for i in np.flatnonzero(~inner):
+            seq = self._active[slots[i]]
+            if ended[i]:
+                self._close_segment(seq)
+                seq.audio_ended = True
+            self._record(seq, spec.audio_eos_token_id if ended[i] else spec.audio_out_token_id, columns[i])
 
     def _record(self, seq: _Sequence, token: int, column: np.ndarray | None = None) -> None:
-        """Count the step, apply the stop rules, and decide what the next forward pass is fed."""
+        """Apply the stop rules to a step's token (already counted) and decide what the next forward pass is fed."""
         spec = self.spec
-        seq.steps += 1
-        new_segment = token == spec.audio_out_token_id and seq.last_token != spec.audio_out_token_id
+        slot = seq.slot
+        new_segment = token == spec.audio_out_token_id and self._last_token[slot] != spec.audio_out_token_id
         if token != spec.audio_out_token_id or new_segment:  # upstream's compressed text id list
             seq.text_ids.append(token)
             if token not in (spec.audio_out_token_id, spec.audio_eos_token_id):
@@ -389,53 +450,55 @@ class Engine:
             if matched is not None:
                 self._finish(seq, "stop", spec.stream_eos_id if seq.audio_ended else matched)
                 return
-        if seq.steps >= seq.max_tokens:
+        if self._steps[slot] >= self._max_tokens[slot]:
             self._finish(seq, "length", None)
             return
-        seq.last_token = token
-        seq.feed = ("audio", column) if token == spec.audio_out_token_id else ("text", token)
+        self._last_token[slot] = token
+        if token == spec.audio_out_token_id:
+            self._feed_kind[slot], self._feed_audio[slot] = _AUDIO_FEED, column
+        else:
+            self._feed_kind[slot], self._feed_token[slot] = _TEXT_FEED, token
 
     # -- sampling -----------------------------------------------------------------------------------
-    def _sample_audio(self, seqs: list[_Sequence]) -> np.ndarray:
-        """One column per sequence: warpers + draw for all S*N codebook rows at once, then RAS."""
+    def _sample_audio(self, slots: np.ndarray) -> np.ndarray:
+        """One column (N,) per slot from the last audio step's logits: the sampler draws all S*N
+        codebook rows at once, then RAS redraws the codes that repeat too often in their window."""
+        rows = self._audio_row[slots]
+        logits = self._audio_logits if np.array_equal(rows, np.arange(len(self._audio_logits))) else self._audio_logits[rows]
         n = self.spec.num_codebooks
-        params = [s.request.sampling for s in seqs]
-        raw = np.concatenate([s.audio_logits for s in seqs])  # (S*N, C+2)
-        uniforms = np.stack([s.rng.random((2, n)) for s in seqs])  # draw, RAS redraw
-        drawn = sample(raw, *params_to_arrays(params, n), uniforms[:, 0].reshape(-1))
-        width = max(max(p.ras_window, 0) for p in params)
-        if width:
-            windows = np.concatenate([ras_window(_history(s, n), s.request.sampling.ras_window, width) for s in seqs])
-            max_repeat = np.repeat([p.ras_max_repeat for p in params], n)
-            drawn = ras_redraw(drawn, raw, windows, max_repeat, uniforms[:, 1].reshape(-1))
-        return drawn.reshape(len(seqs), n)
+        uniforms = np.stack([self._active[slot].rng.random((2, n)) for slot in slots])  # draw, RAS redraw
+        codes, redraw = self.sampler(logits, self._temperature[slots], self._top_k[slots], self._top_p[slots], uniforms)
+        windows = self._log.windows(slots, self._ras_window[slots], RAS_PAD)
+        if windows.shape[1]:
+            redo = ras_redo(codes, windows, self._ras_max_repeat[slots])
+            if redo.any():
+                codes[redo] = redraw(redo)
+        return codes
 
-    def _sample_text(self, seqs: list[_Sequence]) -> np.ndarray:
+    def _sample_text(self, slots: np.ndarray) -> np.ndarray:
         """A text step may start audio only through <|audio_out_bos|>: upstream has no state for a bare
         <|AUDIO_OUT|> drawn as text (no segment, no audio logits), so that id is never drawn."""
+        seqs = [self._active[slot] for slot in slots]
         raw = np.stack([s.text_logits for s in seqs])
         raw[:, self.spec.audio_out_token_id] = -np.inf
         uniforms = np.array([s.rng.random() for s in seqs])
-        return sample(raw, *params_to_arrays([s.request.sampling for s in seqs]), uniforms)
+        return sample(raw, self._temperature[slots], self._top_k[slots], self._top_p[slots], uniforms)
 
     # -- feeding the backbone ---------------------------------------------------------------------------
     def _feed(self) -> float:
         started = time.perf_counter()
-        audio = [s for s in self._active.values() if s.feed and s.feed[0] == "audio"]
-        text = [s for s in self._active.values() if s.feed and s.feed[0] == "text"]
-        if audio:
-            slots = np.array([s.slot for s in audio])
-            logits = self.runtime.audio_step(slots, np.stack([s.feed[1] for s in audio]), np.array([s.cache_length for s in audio]))
-            for seq, row in zip(audio, logits):
-                seq.audio_logits, seq.text_logits = row, None  # rows of a fresh array (fancy indexing)
-        for run in _contiguous_runs(sorted(text, key=lambda s: s.slot)):
-            slots = np.array([s.slot for s in run])
-            logits = self.runtime.text_step(slots, np.array([s.feed[1] for s in run]), np.array([s.cache_length for s in run]))
-            for seq, row in zip(run, logits):
-                seq.text_logits, seq.audio_logits = row, None
-        for seq in audio + text:
-            seq.cache_length += 1
-            seq.feed = None
+        kinds = self._feed_kind
+        audio = np.flatnonzero(kinds == _AUDIO_FEED)
+        text = np.flatnonzero(kinds == _TEXT_FEED)
+        if audio.size:
+            self._audio_logits = self.runtime.audio_step(audio, self._feed_audio[audio], self._cache_length[audio])
+            self._audio_row[audio] = np.arange(audio.size)
+        for run in np.split(text, np.flatnonzero(np.diff(text) != 1) + 1) if text.size else ():  # contiguous slots
+            logits = self.runtime.text_step(run, self._feed_token[run], self._cache_length[run])
+            for slot, row in zip(run, logits):
+                self._active[slot].text_logits = row
+        self._cache_length[kinds != _NO_FEED] += 1
+        kinds[:] = _NO_FEED
         return time.perf_counter() - started
 
     # -- audio out and event delivery -------------------------------------------------------------------
@@ -450,66 +513,80 @@ class Engine:
             seq.audio_samples += window.samples
             self._post(seq, window)
 
-    def _stream(self, seq: _Sequence, frames: np.ndarray) -> None:
-        if frames.shape[1] and seq.streamer is not None:
-            self._plan(seq, seq.streamer.plan_push(frames))
-
     def _close_segment(self, seq: _Sequence) -> None:
-        if seq.assembler is None:
+        if not seq.segments or seq.segments[-1][1] is not None:
             return
-        if seq.streamer is not None:  # the assembler has released every frame already
+        seq.segments[-1][1] = int(self._log.length[seq.slot])
+        if seq.streamer is not None:  # every final frame has been released already
             self._plan(seq, seq.streamer.plan_flush())
-        seq.assembler = None
-        seq.segment_state = None
 
     def _deliver(self, decode: bool = True) -> None:
-        """Decode every window of this step in batched codec calls, then push each request's events in order."""
-        windows = [item for seq in self._outboxes for item in seq.outbox if isinstance(item, DecodeWindow)]
-        pcm = iter(decode_windows(self.codec, windows) if decode and windows else [None] * len(windows))
+        """Hand this step's events to the codec thread, which decodes every window of the step in batched
+        codec calls while the engine runs the next backbone step, then pushes each request's events in
+        order (one worker: steps are delivered in order too). Without a codec there are no windows and
+        the events are pushed now."""
+        batch = [(seq.handle, seq.outbox) for seq in self._outboxes]
         for seq in self._outboxes:
-            for item in seq.outbox:
-                if isinstance(item, DecodeWindow):
-                    chunk = next(pcm)
-                    if chunk is not None and chunk.size:
-                        seq.handle.push(AudioChunk(chunk))
-                elif isinstance(item, Finished):
-                    self._end(seq.handle, item)
-                else:
-                    seq.handle.push(item)
             seq.outbox = []
         self._outboxes = []
+        if not batch:
+            return
+        if self._codec_thread is None:
+            self._push(batch, decode=False)
+        else:
+            self._delivery = self._codec_thread.submit(self._push, batch, decode)
+
+    def _push(self, batch: list[tuple[Generation, list]], decode: bool) -> None:
+        windows = [item for _, items in batch for item in items if isinstance(item, DecodeWindow)]
+        pcm, error = [None] * len(windows), None
+        if decode and windows:
+            try:
+                pcm = decode_windows(self.codec, windows)
+            except Exception as failure:  # the requests of this batch end as errors; the engine step raises it next
+                log.exception("codec decode failed")
+                error = self._codec_error = failure
+        chunks = iter(pcm)
+        for handle, items in batch:
+            for item in items:
+                if isinstance(item, DecodeWindow):
+                    chunk = next(chunks)
+                    if chunk is not None and chunk.size:
+                        handle.push(AudioChunk(chunk))
+                elif isinstance(item, Finished):
+                    self._end(handle, item if error is None else dataclasses.replace(item, finish_reason="error", error=f"codec: {error}"))
+                else:
+                    handle.push(item)
+
+    def _wait_for_delivery(self) -> None:
+        if self._delivery is not None:
+            self._delivery.result()
+            self._delivery = None
 
     def _finish(self, seq: _Sequence, reason: str, stop_reason, error: str | None = None) -> None:
         self._close_segment(seq)
         del self._active[seq.slot]  # free the slot before anyone hears the request ended
         self._free_slots.append(seq.slot)
         self._free_slots.sort()
-        seq.feed = None
+        self._feed_kind[seq.slot] = _NO_FEED
         seconds = seq.audio_samples / SAMPLE_RATE
         self.stats["audio_seconds"] += seconds
         log.info(
             "request %s: %s after %d steps, %.2fs audio, %.2fs wall",
-            seq.request.request_id, reason, seq.steps, seconds, time.monotonic() - seq.submitted_at,
+            seq.request.request_id, reason, self._steps[seq.slot], seconds, time.monotonic() - seq.submitted_at,
         )
-        segments = tuple(np.stack(columns, axis=1) for columns in seq.segments if columns)
-        finished = Finished(reason, stop_reason, seq.prompt_tokens, seq.steps, seconds, error=error,
+        segments = tuple(self._log.segment(seq.slot, start, stop) for start, stop in seq.segments if stop > start)
+        finished = Finished(reason, stop_reason, seq.prompt_tokens, int(self._steps[seq.slot]), seconds, error=error,
                             segments=segments, text_ids=tuple(seq.text_ids))
         self._post(seq, finished)
 
 
-def _history(seq: _Sequence, num_codebooks: int) -> np.ndarray:
-    return np.stack(seq.history, axis=1) if seq.history else np.zeros((num_codebooks, 0), np.int64)
-
-
-def _contiguous_runs(seqs: list[_Sequence]):
-    run: list[_Sequence] = []
-    for seq in seqs:
-        if run and seq.slot != run[-1].slot + 1:
-            yield run
-            run = []
-        run.append(seq)
-    if run:
-        yield run
+def _sampler_for(manifest: Manifest, runtime: str):
+    """Host sampling on the CPU (faster there, see GraphSampler); on a GPU the sampler graph runs on the device."""
+    if runtime == "ort-cpu":
+        return HostSampler()
+    if not manifest.has("audio_sampler"):
+        raise ValueError(f"{manifest.root} has no audio_sampler graph: re-run make export")
+    return GraphSampler.load(manifest.graph_path("audio_sampler"), device="cuda")
 
 
 # --- command line ------------------------------------------------------------------------------------

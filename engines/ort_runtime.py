@@ -12,38 +12,106 @@ sessions share one copy of the weights in the page cache.
 
 from __future__ import annotations
 
+import collections
+import logging
+
 import numpy as np
 import onnxruntime as ort
 
+from .gpu_env import onnxruntime_cuda, require_driver
+from .graph_edit import edited_graph, unmasked_single_token_attention
 from .manifest import Manifest
 from .runtime import BackboneRuntime
 
 GRAPHS = ("prefill", "text", "audio")
+STEP_GRAPHS = ("text", "audio")  # the graphs decode steps run through
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+CUDA_EP = "CUDAExecutionProvider"
+# Nodes that must never run on the CPU of a CUDA session: each would move activations (and, for
+# Attention / TensorScatter, the whole KV cache) across PCIe every call. ORT's own fusions of
+# MatMul / Gemm / Conv keep the weights' work in these op types (FusedMatMul, FusedGemm, FusedConv).
+HEAVY_OPS = frozenset({"Attention", "TensorScatter", "MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Conv", "FusedConv", "ConvTranspose"})
+# Session config key behind InferenceSession.get_provider_graph_assignment_info: both are in
+# onnxruntime-gpu 1.31.1 (the key in libonnxruntime.so.1.31.1, the method in its pybind module) and
+# in the CPU 1.32 build the tests run.
+RECORD_PLACEMENT = "session.record_ep_graph_assignment_info"
+
+log = logging.getLogger(__name__)
 
 
 def providers_for(device: str) -> list:
+    """Execution providers of a session on `device`. On CUDA the CPU EP stays in the list and CPU
+    fallback stays allowed: the CUDA EP deliberately leaves shape subgraphs (Shape -> ... -> Range)
+    to the CPU, so `session.disable_cpu_ep_fallback=1` would refuse every backbone graph, and
+    together with an explicitly listed CPU EP onnxruntime rejects it outright ("Conflicting session
+    configuration", onnxruntime/core/session/inference_session.cc). `check_placement` instead
+    refuses a session whose heavy nodes did not land on the GPU."""
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError("CUDAExecutionProvider is not available: pip install '.[gpu]' (onnxruntime-gpu) on a CUDA machine")
-        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        require_driver(onnxruntime_cuda(), "onnxruntime-gpu")
+        if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn]
+            ort.preload_dlls()
+        return [(CUDA_EP, {"device_id": 0}), "CPUExecutionProvider"]
     raise ValueError(f"unknown ONNX Runtime device {device!r} (cpu or cuda)")
+
+
+def provider_name(entry) -> str:
+    """'CUDAExecutionProvider' from either form a provider list holds: a name or (name, options)."""
+    return entry[0] if isinstance(entry, tuple) else entry
 
 
 def session_options(device: str = "cpu", threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
     """Shared by every session of the engine. Spinning is off: the backbone's and the codec's intra-op
-    threads would otherwise busy-wait against each other (measured 1.2-1.7x faster decode loop on 2 cores)."""
+    threads would otherwise busy-wait against each other (measured 1.2-1.7x faster decode loop on 2 cores).
+    CUDA sessions record which EP each node got, for `check_placement`."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # TensorScatter warns on every non-aliased call; we always alias
-    if device == "cuda":  # a node silently placed on the CPU would copy the whole cache every step
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if device == "cuda":
+        options.add_session_config_entry(RECORD_PLACEMENT, "1")
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads:
         options.intra_op_num_threads = threads
     return options
+
+
+def placement(session: ort.InferenceSession) -> dict[str, collections.Counter]:
+    """EP name -> Counter of the op types it runs (after ORT's graph optimizations); the session
+    must have been created with `RECORD_PLACEMENT` set."""
+    by_ep: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for subgraph in session.get_provider_graph_assignment_info():
+        for node in subgraph.get_nodes():
+            by_ep[subgraph.ep_name][node.op_type] += 1
+    return dict(by_ep)
+
+
+def stray_heavy_nodes(by_ep: dict[str, collections.Counter], ep: str) -> list[str]:
+    """'Attention x2 on CPUExecutionProvider', ... for every heavy op type placed on an EP other than `ep`."""
+    return sorted(f"{op} x{n} on {other}" for other, ops in by_ep.items() if other != ep for op, n in ops.items() if op in HEAVY_OPS)
+
+
+def check_placement(session: ort.InferenceSession, name: str, ep: str = CUDA_EP) -> dict[str, collections.Counter]:
+    """Log where `name`'s nodes run and raise if a heavy node is not on `ep`. Also catches
+    onnxruntime's Python fallback, which silently re-creates a session on the CPU alone when the CUDA
+    EP fails to load (missing CUDA / cuDNN libraries)."""
+    if session.get_providers()[0] != ep:
+        raise RuntimeError(
+            f"{name}: onnxruntime could not start {ep} and fell back to {session.get_providers()} (its log above names the "
+            "missing library): install onnxruntime-gpu[cuda,cudnn] (make setup-gpu) or a CUDA 13 toolkit with cuDNN 9"
+        )
+    by_ep = placement(session)
+    if not by_ep:
+        raise RuntimeError(f"{name}: no node placement recorded (create the session with session_options('cuda'))")
+    for ep_name, ops in sorted(by_ep.items()):
+        log.info("%s on %s: %s", name, ep_name, ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
+    stray = stray_heavy_nodes(by_ep, ep)
+    if stray:
+        raise RuntimeError(
+            f"{name}: heavy nodes are not on {ep}: {', '.join(stray)}; each would copy its inputs between host and device "
+            "every call. This onnxruntime has no kernel for them on the GPU: install the pinned onnxruntime-gpu (make setup-gpu)"
+        )
+    return by_ep
 
 
 class _DeviceBuffer:
@@ -75,9 +143,12 @@ class OrtBackbone(BackboneRuntime):
         device: str = "cpu",
         threads: int | None = None,
         prefill_graph: bool = True,
+        unmasked_steps: bool | None = None,
     ):
         """prefill_graph=False skips the prefill session (and, on a GPU, its copy of every weight);
-        prompts then go through `prefill_split`."""
+        prompts then go through `prefill_split`. unmasked_steps (default: on CUDA) runs the text and
+        audio graphs with single-position Attention free of the mask (`graph_edit.unmasked_single_token_attention`),
+        which lets onnxruntime's CUDA Attention use Flash Attention for decode steps."""
         super().__init__(manifest, max_batch, max_len)
         if manifest.dtype not in _NP_DTYPES:
             raise ValueError(
@@ -87,7 +158,17 @@ class OrtBackbone(BackboneRuntime):
         options = session_options(device, threads)
         providers = providers_for(device)
         graphs = GRAPHS if prefill_graph else tuple(g for g in GRAPHS if g != "prefill")
-        self.sessions = {g: ort.InferenceSession(str(manifest.graph_path(g)), options, providers=providers) for g in graphs}
+        unmasked = device == "cuda" if unmasked_steps is None else unmasked_steps
+        self.sessions = {}
+        for g in graphs:
+            if unmasked and g in STEP_GRAPHS:  # onnxruntime has read the copy once the session exists
+                with edited_graph(manifest.graph_path(g), unmasked_single_token_attention, "unmasked_steps") as copy:
+                    self.sessions[g] = ort.InferenceSession(str(copy), options, providers=providers)
+            else:
+                self.sessions[g] = ort.InferenceSession(str(manifest.graph_path(g)), options, providers=providers)
+        if device == "cuda":
+            for g, session in self.sessions.items():
+                check_placement(session, manifest.graph_path(g).name)
         self.has_prefill_graph = prefill_graph
         spec = self.spec
         cache_dtype = _NP_DTYPES[manifest.dtype]

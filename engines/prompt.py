@@ -8,6 +8,10 @@ Audio in a user or system message is rendered `<|audio_bos|><|AUDIO|><|audio_eos
 are not used: upstream's serve engine builds its collator without audio-in tokens, so the model
 sees `<|AUDIO|>` as a plain text token there (spec §5.2). GEN's collator would expand it to codes,
 but the serve engine is what this server reproduces. Voice cloning uses assistant audio (§5.2).
+
+Content text is plain text (`PromptRenderer.encode_text`); structure inside a message, such as a
+system prompt's scene block, comes as `SpecialToken` pieces (`structured` splits upstream's prompt
+strings into them), each rendered as its one id.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from engines.api import AudioCodes, Message
+from engines.api import AudioCodes, Content, Message, SpecialToken
 from engines.delay import CODEBOOK_SIZE, delay_pattern
 
 # Special token ids (spec §4); the renderer checks that the tokenizer agrees.
@@ -55,6 +59,8 @@ AUDIO_IN_TEXT = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 AUDIO_OUT_TEXT = "<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>"
 TTS_INSTRUCTION = "Generate audio following instruction."
 SCENE_START = "<|scene_desc_start|>"
+SCENE_END = "<|scene_desc_end|>"
+SCENE_MARKERS = (SCENE_START, SCENE_END)
 MULTISPEAKER_INSTRUCTION = (
     "You are an AI assistant designed to convert text into speech.\n"
     "If the user's message includes a [SPEAKER*] tag, do not read out the tag and generate speech for the "
@@ -62,6 +68,7 @@ MULTISPEAKER_INSTRUCTION = (
     "If no speaker tag is present, select a suitable voice on your own."
 )
 _SPEAKER_TAG = re.compile(r"\[(SPEAKER\d+)\]")
+SOUND_EVENT_TAGS = ("<SE>", "</SE>", "<SE_s>", "</SE_s>", "<SE_e>", "</SE_e>")  # spec §4, ids 128022-128027
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +105,30 @@ class PromptRenderer:
             got = self.tokenizer.token_to_id(name)
             if got != expected:
                 raise ValueError(f"{tokenizer_json_path}: {name} has id {got}, the model expects {expected}")
+        self._special = {tok.content: i for i, tok in self.tokenizer.get_added_tokens_decoder().items() if tok.special}
+        # A second tokenizer that reads special-token names as plain characters (tokenizers 0.23
+        # `Tokenizer.encode_special_tokens`, tokenizer/mod.rs): the one for text from requests.
+        self._plain = Tokenizer.from_str(self.tokenizer.to_str())
+        self._plain.encode_special_tokens = True
 
     def encode(self, text: str) -> list[int]:
-        """One piece, without BOS: upstream encodes every piece with add_special_tokens=False."""
+        """One piece of the server's own structure (headers, placeholders, turn ends), without
+        BOS: upstream encodes every piece with add_special_tokens=False."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """One piece of content text, without BOS. Deliberately unlike upstream, which parses
+        special tokens everywhere: typing "<|eot_id|>" or "<|AUDIO_OUT|>" in a request gives those
+        characters, never a turn end or an audio slot, so a caller cannot write prompt structure.
+        Only the sound-event tags of spec §5.1 (<SE>, <SE_s>, <SE_e> and their closers) stay tokens,
+        since text is meant to carry them; such text keeps upstream's ids (see `structured`)."""
+        ids: list[int] = []
+        for piece in structured(text, SOUND_EVENT_TAGS):
+            if isinstance(piece, SpecialToken):
+                ids.append(self._special[piece.name])
+            else:
+                ids += self._plain.encode(piece, add_special_tokens=False).ids
+        return ids
 
     def render(self, messages: Sequence[Message], force_audio: bool = True) -> RenderedPrompt:
         """Token ids of the messages plus the assistant generation header (and <|audio_out_bos|>
@@ -117,7 +144,7 @@ class PromptRenderer:
             ids += self.encode(("<|begin_of_text|>" if i == 0 else "") + header)
             for piece in message.content:
                 if isinstance(piece, str):
-                    ids += self.encode(piece)
+                    ids += self.encode_text(piece)
                 elif isinstance(piece, AudioCodes):
                     codes = self._check_codes(piece.codes, i)
                     if message.role == "assistant":
@@ -125,8 +152,13 @@ class PromptRenderer:
                         segments.append(delay_pattern(codes))
                     else:
                         ids += self.encode(AUDIO_IN_TEXT)
+                elif isinstance(piece, SpecialToken):
+                    if piece.name not in self._special:
+                        raise ValueError(f"message {i}: {piece.name!r} is not a special token of this tokenizer")
+                    ids.append(self._special[piece.name])
                 else:
-                    raise TypeError(f"message {i}: content must be str or AudioCodes, got {type(piece).__name__}")
+                    raise TypeError(f"message {i}: content must be str, AudioCodes or SpecialToken, "
+                                    f"got {type(piece).__name__}")
             next_is_assistant = i + 1 < len(messages) and messages[i + 1].role == "assistant"
             ids += self.encode("<|eom_id|>" if message.role == "assistant" and next_is_assistant else "<|eot_id|>")
         suffix = "<|start_header_id|>assistant<|end_header_id|>\n\n" + ("<|audio_out_bos|>" if force_audio else "")
@@ -185,7 +217,7 @@ def tts_messages(
         raise ValueError("speaker descriptions are for prompts without reference audio")
     if system is None:
         system = _system_prompt(text, scene, bool(refs), speakers)
-    messages = [] if system is None else [Message("system", (system,))]
+    messages = [] if system is None else [Message("system", structured(system, SCENE_MARKERS))]
     for i, (transcript, codes) in enumerate(refs):
         messages.append(Message("user", (f"[SPEAKER{i}] {transcript}" if len(refs) > 1 else transcript,)))
         messages.append(Message("assistant", (codes,)))
@@ -193,31 +225,38 @@ def tts_messages(
     return messages
 
 
-def scene_system_prompt(scene: str) -> str:
-    """The system prompt convention for a scene description (spec §5.1); kept verbatim if it already
-    holds a scene block."""
-    if SCENE_START in scene:
-        return scene
-    return f"{TTS_INSTRUCTION}\n\n{_scene_block(scene)}"
+def structured(text: str, names: Sequence[str]) -> tuple[Content, ...]:
+    """`text` as pieces: every occurrence of one of the special tokens `names` becomes a
+    `SpecialToken`, the text around it stays plain text. Upstream tokenizes such a string in one call
+    that parses special tokens; the tokenizer splits at special tokens before the pre-tokenizer runs
+    (tokenizers 0.23 `AddedVocabulary::extract_and_normalize`, added_vocabulary.rs), so rendering
+    these pieces one by one gives upstream's ids while nothing outside `names` can become structure."""
+    parts = re.split("(" + "|".join(re.escape(n) for n in names) + ")", text)
+    return tuple(SpecialToken(p) if p in names else p for p in parts if p)
 
 
-def _scene_block(scene: str) -> str:
-    return f"{SCENE_START}\n{scene}\n<|scene_desc_end|>"
+def content_text(pieces: Iterable[Content]) -> str:
+    """The text of pieces as upstream writes it (the inverse of `structured`); audio is left out."""
+    return "".join(p if isinstance(p, str) else p.name for p in pieces if not isinstance(p, AudioCodes))
+
+
+def scene_block(scene: str) -> str:
+    return f"{SCENE_START}\n{scene}\n{SCENE_END}"
 
 
 def _system_prompt(text: str, scene: str | None, has_refs: bool, speakers: Sequence[str] | None) -> str | None:
-    scene_block = _scene_block(scene) if scene else None
+    block = scene_block(scene) if scene else None
     if has_refs:
-        return f"{TTS_INSTRUCTION}\n\n{scene_block}" if scene_block else None
+        return f"{TTS_INSTRUCTION}\n\n{block}" if block else None
     tags = sorted(set(_SPEAKER_TAG.findall(text)))
     if speakers:
         lines = [f"SPEAKER{i}: {desc}" for i, desc in enumerate(speakers)]
     elif len(tags) > 1:
         lines = [f"{tag}: {'feminine' if i % 2 == 0 else 'masculine'}" for i, tag in enumerate(tags)]
     else:
-        return "\n\n".join([TTS_INSTRUCTION] + ([scene_block] if scene_block else []))
+        return "\n\n".join([TTS_INSTRUCTION] + ([block] if block else []))
     desc = "\n\n".join(([scene] if scene else []) + ["\n".join(lines)])
-    return f"{MULTISPEAKER_INSTRUCTION}\n\n{_scene_block(desc)}"
+    return f"{MULTISPEAKER_INSTRUCTION}\n\n{scene_block(desc)}"
 
 
 class StopMatcher:

@@ -6,10 +6,14 @@ covers the contiguous slot range [start, start + batch) (contiguous so the cache
 bound as they are, without gathering). Only token ids / codes, positions and logits cross to the
 host.
 
-Batched decode steps run over the range spanning every active slot. Free slots inside that range
-ride along as passengers: they feed a stream-BOS column / BOS token and write their K/V into the
-last cache row (`scratch_position`), which no real sequence ever uses, and their logits are
-dropped. That keeps every step a single graph call without compacting caches.
+Batched decode steps always run from slot 0 over a bucket of rows (1, 2, 4, ... max_batch: the
+smallest that holds the highest requested slot). Every slot in the bucket that was not asked for
+rides along as a passenger: it feeds a stream-BOS column / BOS token and writes its K/V into the
+last cache row (`scratch_position`), which no real sequence ever uses, and its logits are dropped.
+That keeps every step a single graph call without compacting caches, and it keeps the number of
+distinct step shapes at log2(max_batch) + 1 per graph: TensorRT holds an execution context (with
+its activation memory and captured CUDA graph) per (graph, first slot, rows), so keying them by
+arbitrary slot ranges would make up to max_batch^2 / 2 of them.
 """
 
 from __future__ import annotations
@@ -113,21 +117,22 @@ class BackboneRuntime(abc.ABC):
             logits = {name: array[0].copy() for name, array in out.items()}
         return PromptLogits(logits.get("text_logits"), logits.get("audio_logits"))
 
+    def step_rows(self, stop: int) -> int:
+        """Rows of a decode step that must cover slots [0, stop): the next power of two, capped at max_batch."""
+        if not 1 <= stop <= self.max_batch:
+            raise ValueError(f"slots up to {stop - 1} outside the {self.max_batch} cache slots")
+        return min(1 << (stop - 1).bit_length(), self.max_batch)
+
     def _step(self, graph: str, slots: np.ndarray, feed_name: str, feed: np.ndarray, filler, cache_lengths) -> np.ndarray:
-        slots = np.asarray(slots, np.int64)
-        start, stop = int(slots.min()), int(slots.max()) + 1
-        rows = slots - start
+        rows = np.asarray(slots, np.int64)
+        width = self.step_rows(int(rows.max()) + 1)
         self._check_room(np.asarray(cache_lengths), 1)
-        full_feed = np.empty((stop - start, 1) + feed.shape[1:], np.int64)
+        full_feed = np.empty((width, 1) + feed.shape[1:], np.int64)
         full_feed[...] = filler
         full_feed[rows, 0] = feed
-        lengths = np.full(stop - start, self.scratch_position, np.int64)
+        lengths = np.full(width, self.scratch_position, np.int64)
         lengths[rows] = cache_lengths
-        out = self.run(
-            graph,
-            start,
-            {feed_name: full_feed, "cache_lengths": lengths, "last_index": np.zeros(stop - start, np.int64)},
-        )
+        out = self.run(graph, 0, {feed_name: full_feed, "cache_lengths": lengths, "last_index": np.zeros(width, np.int64)})
         return out["audio_logits" if graph == "audio" else "text_logits"][rows]
 
     def audio_step(self, slots: np.ndarray, codes: np.ndarray, cache_lengths: np.ndarray) -> np.ndarray:

@@ -13,7 +13,8 @@ of its `past_*` (plus the slot offset), which TensorRT's KV cache update layer r
 is updated in place. Token ids / codes / positions in and logits out are the only host transfers.
 
 Single-token calls (decode steps, length-1 runs of a split prefill) get an execution context per
-(graph, first slot, rows) whose shapes and addresses never change; after its first (warm-up)
+(graph, first slot, rows) whose shapes and addresses never change (decode steps always start at slot
+0 with 1, 2, 4, ... max_batch rows, see runtime.py, so there are a handful per graph); after its first (warm-up)
 execution the H2D copies, the engine and the D2H copies are captured into a CUDA graph, and later
 calls with that key replay it. Multi-token calls (prompts) go through one context per engine on the
 prefill optimization profile, without graphs. Sampling stays on the host (see docs/gpu.md): the loop's
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .gpu_env import GpuUnavailable, require_driver, tensorrt_cuda_major
 from .manifest import Manifest
 from .runtime import BackboneRuntime
 
@@ -41,9 +43,8 @@ MIN_TENSORRT = (10, 15)  # first release importing ONNX TensorScatter as IKVCach
 PRECISION_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 CACHE_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 INSTALL = (
-    "pip install '.[gpu,trt]' on an NVIDIA machine: TensorRT >= 10.15 (the first to import ONNX TensorScatter "
-    "as its KV cache update layer) and cuda-python built for the CUDA major version your driver supports "
-    "(tensorrt-cu12 + cuda-python 12.x, or tensorrt-cu13 + cuda-python 13.x); see docs/gpu.md"
+    "make setup-gpu (pip install '.[gpu,trt]') on an NVIDIA machine: tensorrt-cu13 >= 10.15 (the first TensorRT to "
+    "import ONNX TensorScatter as its KV cache update layer) and cuda-python 13.x, for CUDA 13 (driver 580+); see docs/gpu.md"
 )
 DEFAULT_STEP_GRAPHS = 64  # captured decode keys kept (each holds an execution context and a CUDA graph)
 
@@ -70,6 +71,11 @@ def import_tensorrt():
         raise MissingDependency(f"the tensorrt Python package is not installed ({error}). {INSTALL}") from None
     if version_tuple(trt.__version__)[:2] < MIN_TENSORRT:
         raise MissingDependency(f"TensorRT {trt.__version__} is too old. {INSTALL}")
+    major = tensorrt_cuda_major()
+    try:  # a too-old driver would otherwise surface as an opaque CUDA error in the first call
+        require_driver(f"{major}.0", f"TensorRT {trt.__version__} (tensorrt-cu{major})")
+    except GpuUnavailable as error:
+        raise MissingDependency(str(error)) from None
     return trt
 
 
@@ -82,6 +88,18 @@ def import_cudart():
         except ImportError as error:
             raise MissingDependency(f"cuda-python is not installed ({error}). {INSTALL}") from None
     return cudart
+
+
+def engine_reader(path: Path):
+    """A stream reader TensorRT deserializes `path` from, chunk by chunk, instead of a host copy of the
+    whole plan (11.5 GB at 3B with read_bytes()). polygraphy 0.53's FileReader implements
+    IStreamReader on TensorRT 10 and IStreamReaderV2 (read + seek) on TensorRT 11
+    (polygraphy/backend/trt/file_reader.py); both are accepted by Runtime.deserialize_cuda_engine."""
+    try:
+        from polygraphy.backend.trt import FileReader
+    except ImportError as error:
+        raise MissingDependency(f"polygraphy is not installed ({error}). {INSTALL}") from None
+    return FileReader(str(path))
 
 
 class Cuda:
@@ -299,7 +317,8 @@ class TrtBackbone(BackboneRuntime):
 
     def _load(self, engines_dir: Path, graph: str, entry: dict) -> _Engine:
         trt, path = self.trt, engines_dir / entry["file"]
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        with engine_reader(path) as reader:
+            engine = self._runtime.deserialize_cuda_engine(reader)
         if engine is None:
             raise EngineMismatch(f"{path}: TensorRT could not deserialize it (see the log above); rebuild with make engine")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]

@@ -1,6 +1,9 @@
 """`make export`: checkpoint (+ codec) -> ONNX graphs, shared weights and manifest.json.
 
-    python -m export --checkpoint DIR [--codec DIR] --out DIR [--dtype float32|float16|bfloat16]
+    python -m export --checkpoint DIR [--codec DIR] --out DIR [--dtype float32|float16|bfloat16|int8|int4]
+
+int8 / int4: weight-only quantized backbone graphs (export/quantize.py) in DIR, made from a float32
+export kept in DIR/float32 (their reference for export.quantize.agreement).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .llm import load_backbone
 from .onnx_export import DTYPES, copy_if_present, export_backbone, write_manifest
+from .onnx_sampler import FILE as SAMPLER_FILE
+from .onnx_sampler import export_audio_sampler
+from .quantize import BITS, quantize_artifacts
 
 MANIFEST_FORMAT = 1
 
@@ -45,6 +51,8 @@ def run(checkpoint: Path, codec: Path | None, out: Path, dtype_name: str) -> Pat
         f"{config.num_codebooks} codebooks, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
     )
     graphs = export_backbone(model, out, log=_log)
+    _log(f"exporting {SAMPLER_FILE} (audio sampling next to the logits)")
+    graphs["audio_sampler"] = export_audio_sampler(config.num_codebooks, config.codebook_stride, out / SAMPLER_FILE)
     del model
     codec_info = None
     if codec is not None:
@@ -90,14 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="LLM directory: config.json + *.safetensors")
     parser.add_argument("--codec", type=Path, help="codec directory: config.json + model.pth (or transformers safetensors)")
     parser.add_argument("--out", type=Path, required=True, help="artifacts directory to write")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES) + sorted(BITS), default="float32")
     args = parser.parse_args(argv)
     if not args.checkpoint.is_dir():
         parser.error(f"--checkpoint {args.checkpoint} is not a directory (CHECKPOINT=DIR with config.json and *.safetensors)")
     if args.codec is not None and not args.codec.is_dir():
         parser.error(f"--codec {args.codec} is not a directory (CODEC=DIR with config.json and model.pth)")
     try:
-        run(args.checkpoint, args.codec, args.out, args.dtype)
+        if args.dtype in BITS:
+            run(args.checkpoint, args.codec, args.out / "float32", "float32")
+            quantize_artifacts(args.out / "float32", args.out, BITS[args.dtype], log=_log)
+        else:
+            run(args.checkpoint, args.codec, args.out, args.dtype)
     except (ConfigError, CheckpointError, ValueError) as error:
         print(f"[export] error: {error}", file=sys.stderr)
         return 2

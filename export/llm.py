@@ -60,9 +60,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """Grouped-query attention over the cache; query head h uses KV head h // (heads / kv_heads).
 
     `mask` (B, 1, T, S) is True where a key takes part; `kv_length` (B,) = valid keys per row (the
-    ONNX graph passes it on as `nonpad_kv_seqlen` so kernels may skip the unused tail).
+    ONNX graph passes it on as `nonpad_kv_seqlen` so kernels may skip the unused tail). `q` comes
+    pre-scaled by 1/sqrt(head_dim), so the product is not scaled again (scale=1): TensorRT's ONNX
+    importer applies an Attention `scale` as sqrt(scale) on Q *and* K (onnx-tensorrt
+    importerUtils.cpp `scaleQKTensor`), and K here is the whole (B, Hkv, max_len, D) cache.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=1.0)
 
 
 @attention.register_fake
@@ -129,6 +132,7 @@ class Attention(nn.Module):
     def __init__(self, config: HiggsConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_scale = config.head_dim**-0.5  # softmax scale, applied to Q (see `attention`)
         self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, config.kv_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, config.kv_dim, bias=False)
@@ -139,7 +143,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
+        q = (q * cos + rotate_half(q) * sin) * self.q_scale
         k = k * cos + rotate_half(k) * sin
         if functional:
             present = (kv_write(past[0], k, cache_lengths), kv_write(past[1], v, cache_lengths))

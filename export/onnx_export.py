@@ -47,15 +47,14 @@ GRAPH_FILES = {
 }
 
 
-def _translations(head_dim: int) -> dict:
-    scale = 1.0 / float(head_dim) ** 0.5
-
+def _translations() -> dict:
     def kv_write(cache, update, write_index):
         return _op.TensorScatter(cache, update, write_index, axis=2)
 
     def attention(q, k, v, mask, kv_length):
-        # softmax in float32 whatever the compute dtype (TensorRT is strongly typed)
-        return _op.Attention(q, k, v, mask, None, None, kv_length, scale=scale, softmax_precision=1)[0]
+        # softmax in float32 whatever the compute dtype (TensorRT is strongly typed); Q arrives
+        # pre-scaled (export/llm.py `attention`), so scale=1 keeps TensorRT from scaling the cache
+        return _op.Attention(q, k, v, mask, None, None, kv_length, scale=1.0, softmax_precision=1)[0]
 
     return {torch.ops.higgs.kv_write.default: kv_write, torch.ops.higgs.attention.default: attention}
 
@@ -125,7 +124,7 @@ def export_backbone_graph(model: HiggsAudioBackbone, mode: Mode, path: Path) -> 
                 input_names=input_names,
                 output_names=output_names,
                 dynamic_shapes={"args": dynamic},
-                custom_translation_table=_translations(cfg.head_dim),
+                custom_translation_table=_translations(),
                 optimize=True,
                 verbose=False,
             )

@@ -17,9 +17,10 @@ from engines.api import SamplingParams
 from serve.settings import Limits, ServeSettings
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser(prog: str = "python -m serve", description: str | None = __doc__) -> argparse.ArgumentParser:
+    """The server's flags; serve/ray_serve.py adds its own to the same parser."""
     defaults, limits, sampling = ServeSettings(), Limits(), SamplingParams()
-    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--artifacts", type=Path, required=True, help="directory written by `make export`")
     p.add_argument("--model", default=defaults.model_name, help="served model name")
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable)")
     p.add_argument("--voices", type=Path, help="voice preset directory (see serve/voices.py for layouts)")
     p.add_argument("--voice-alias", action="append", default=[], metavar="NAME=PRESET",
-                   help="map a client voice name (e.g. alloy) to a preset (repeatable)")
+                   help="map a client voice name (e.g. alloy) to a preset or a built-in voice (repeatable)")
     p.add_argument("--temperature", type=float, default=sampling.temperature, help="default when a request omits it")
     p.add_argument("--top-p", type=float, default=sampling.top_p, help="default when a request omits it")
     p.add_argument("--top-k", type=int, default=sampling.top_k, help="default when a request omits it (off)")
@@ -45,10 +46,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-input-chars", type=int, default=limits.max_input_chars)
     p.add_argument("--max-completion-tokens", type=int, default=limits.max_completion_tokens)
     p.add_argument("--max-reference-seconds", type=float, default=limits.max_reference_seconds)
+    p.add_argument("--no-normalize-text", dest="normalize_text", action="store_false",
+                   help="speak /v1/audio/speech input as sent (requests may still ask with normalize_text)")
+    p.add_argument("--chunk-chars", type=int, default=defaults.chunk_chars,
+                   help="longer text is generated in chunks of at most this many characters")
+    p.add_argument("--chunk-context", type=int, default=defaults.chunk_context,
+                   help="previous chunks (text + generated audio) kept in each chunk's prompt")
     p.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout_s,
                    help="seconds to let in-flight requests finish on shutdown")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def settings_from_args(args: argparse.Namespace, environ=os.environ) -> ServeSettings:
@@ -60,6 +71,8 @@ def settings_from_args(args: argparse.Namespace, environ=os.environ) -> ServeSet
         if not sep or not name or not preset:
             raise SystemExit(f"--voice-alias expects NAME=PRESET, got {item!r}")
         voice_aliases[name] = preset
+    if args.chunk_chars < 1 or args.chunk_context < 0:
+        raise SystemExit("--chunk-chars must be at least 1 and --chunk-context at least 0")
     limits = dataclasses.replace(Limits(), max_input_chars=args.max_input_chars,
                                  max_completion_tokens=args.max_completion_tokens,
                                  default_max_tokens=min(Limits().default_max_tokens, args.max_completion_tokens),
@@ -81,15 +94,21 @@ def settings_from_args(args: argparse.Namespace, environ=os.environ) -> ServeSet
                                 ras_window=args.ras_win_len, ras_max_repeat=args.ras_max_repeat),
         limits=limits,
         shutdown_timeout_s=args.shutdown_timeout,
+        normalize_text=args.normalize_text,
+        chunk_chars=args.chunk_chars,
+        chunk_context=args.chunk_context,
     )
 
 
-def build_engine(settings: ServeSettings):
-    """The decode loop for these settings, loaded but not started."""
+def build_engine(settings: ServeSettings, threads: int | None = None):
+    """The decode loop for these settings, loaded but not started. `threads`: ONNX Runtime's
+    intra-op threads (default: all cores; a Ray replica passes its CPU share)."""
     from engines.generate import Engine  # imported here: parsing flags does not need the runtimes
+    from engines.gpu_env import require_runtime
 
+    require_runtime(settings.runtime)  # a GPU runtime that cannot run here fails now, naming the install
     return Engine.from_artifacts(settings.artifacts, runtime=settings.runtime, max_batch=settings.max_batch,
-                                 max_len=settings.max_len, max_queue=settings.queue_size)
+                                 max_len=settings.max_len, max_queue=settings.queue_size, threads=threads)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from serve.app import create_app
+    from serve.app import create_app, server_options
 
     try:
         engine = build_engine(settings)
@@ -108,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     engine.start()  # warm-up before listening: the first request pays no graph setup
     uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(settings.shutdown_timeout_s))
+                timeout_graceful_shutdown=int(settings.shutdown_timeout_s), **server_options(settings))
 
 
 if __name__ == "__main__":

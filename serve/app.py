@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import email.parser
-import email.policy
 import hmac
 import json
 import logging
@@ -28,20 +26,28 @@ from typing import AsyncIterator
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from engines.api import AudioChunk, Finished, QueueFull, SpeechEngine, SpeechRequest
 from engines.audio_io import MEDIA_TYPES, StreamingEncoder, encode_audio, to_pcm16
+from serve import openapi
 from serve.conversation import RequestBuilder
 from serve.errors import APIError, install_error_handlers
+from serve.forms import FormError, FormPart, boundary_of, parse_form
+from serve.longform import LongText, LongTextGeneration
 from serve.metrics import Metrics
+from serve.playground import install_playground
 from serve.protocol import (AudioSpeechRequest, ChatCompletionAudio, ChatCompletionChoice, ChatCompletionMessage,
                             ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamChoice,
                             ChatCompletionStreamResponse, DeltaAudio, DeltaMessage, ModelCard, ModelList,
-                            SpeechAudioDelta, SpeechAudioDone, SpeechUsage, UsageInfo, VoiceList)
+                            SpeechAudioDelta, SpeechAudioDone, SpeechUsage, UsageInfo, VoiceCard, VoiceDeleted,
+                            VoiceList)
 from serve.settings import ServeSettings
 from serve.voices import ReferenceEncoder, VoiceLibrary
 
@@ -69,39 +75,50 @@ def create_app(engine: SpeechEngine, settings: ServeSettings) -> FastAPI:
         yield
         await asyncio.to_thread(_shutdown_engine, engine, settings.shutdown_timeout_s)
 
-    app = FastAPI(title="Higgs Audio V2 text-to-speech", lifespan=lifespan)
+    # docs pages from files installed with fastapi-offline, not from a CDN
+    app = FastAPIOffline(title="Higgs Audio V2 text-to-speech", lifespan=lifespan)
+    app.router.route_class = BoundedJSONRoute
     app.state.metrics = metrics
+    engine.add_finish_listener(lambda request, finished: metrics.count_finished(finished))
     install_error_handlers(app, on_error=lambda error: metrics.errors.labels(error.code).inc())
+    openapi.install_openapi(app, settings.model_names)
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
 
-    def submit(request: SpeechRequest, endpoint: str, default_max: bool) -> Job:
-        """Queue on the engine. `default_max`: the client named no max_completion_tokens, so
-        request.max_tokens is the server default, which yields to a KV cache too small for it."""
+    def submit(request: SpeechRequest | LongText, endpoint: str, default_max: bool) -> Job:
+        """Queue on the engine (a long text: its first chunk, the rest as it goes, serve/longform.py).
+        `default_max`: the client named no max_completion_tokens, so request.max_tokens is the server
+        default, which yields to a KV cache too small for it."""
         if not engine.ready():
             raise APIError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
         loop = asyncio.get_running_loop()
-        try:
-            try:
-                generation = engine.submit(request, loop)
-            except ValueError:
-                if not default_max:
-                    raise
-                # the default does not fit beside this prompt: generate what fits (max_tokens None)
-                request.max_tokens = None
-                generation = engine.submit(request, loop)
-        except ValueError as exc:  # the engine refuses the prompt (e.g. longer than its KV cache)
-            raise APIError(400, f"the engine cannot take this request: {exc}", code="invalid_prompt") from exc
-        except QueueFull as exc:
-            retry = max(1, math.ceil(exc.retry_after))
-            raise APIError(429, f"the server is at capacity ({engine.queue_depth()} requests queued); retry "
-                           f"after {retry} s", code="queue_full", headers={"Retry-After": str(retry)}) from exc
-        sampling = request.sampling
-        log.info("req %s: %s submitted: %d messages, max_tokens %s, temperature %g, top_p %g, top_k %s, seed %s",
-                 request.request_id, endpoint, len(request.messages), request.max_tokens, sampling.temperature,
-                 sampling.top_p, sampling.top_k, sampling.seed)
-        return Job(generation, endpoint, metrics, engine.sample_rate)
 
-    @app.post("/v1/chat/completions")
+        def start(one: SpeechRequest, may_shrink: bool):
+            try:
+                try:
+                    generation = engine.submit(one, loop)
+                except ValueError:
+                    if not may_shrink:
+                        raise
+                    # the default does not fit beside this prompt: generate what fits (max_tokens None)
+                    one.max_tokens = None
+                    generation = engine.submit(one, loop)
+            except ValueError as exc:  # the engine refuses the prompt (e.g. longer than its KV cache)
+                raise APIError(400, f"the engine cannot take this request: {exc}", code="invalid_prompt") from exc
+            except QueueFull as exc:
+                retry = max(1, math.ceil(exc.retry_after))
+                raise APIError(429, f"the server is at capacity ({engine.queue_depth()} requests queued); retry "
+                               f"after {retry} s", code="queue_full", headers={"Retry-After": str(retry)}) from exc
+            sampling = one.sampling
+            log.info("req %s: %s submitted: %d messages, max_tokens %s, temperature %g, top_p %g, top_k %s, "
+                     "seed %s", one.request_id, endpoint, len(one.messages), one.max_tokens, sampling.temperature,
+                     sampling.top_p, sampling.top_k, sampling.seed)
+            return generation
+
+        if isinstance(request, LongText):
+            return Job(LongTextGeneration(request, start, default_max), endpoint, metrics, engine.sample_rate)
+        return Job(start(request, default_max), endpoint, metrics, engine.sample_rate)
+
+    @app.post("/v1/chat/completions", responses=openapi.CHAT_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Audio out: base64 file in `audio.format` (default wav), or with `stream` PCM16 deltas
         (streams are always PCM16 24 kHz mono, whatever `audio.format` says)."""
@@ -131,7 +148,7 @@ def create_app(engine: SpeechEngine, settings: ServeSettings) -> FastAPI:
         )
         return JSONResponse(response.model_dump())
 
-    @app.post("/v1/audio/speech")
+    @app.post("/v1/audio/speech", response_class=StreamingResponse, responses=openapi.SPEECH_RESPONSES)
     async def audio_speech(body: AudioSpeechRequest, request: Request):
         """OpenAI TTS: encoded bytes over chunked transfer as they are produced, or SSE events."""
         request_id = request.state.request_id
@@ -144,18 +161,19 @@ def create_app(engine: SpeechEngine, settings: ServeSettings) -> FastAPI:
             return JobStream(job, _speech_events(job, encoder), media_type="text/event-stream")
         return JobStream(job, _encoded_audio(job, encoder), media_type=MEDIA_TYPES[body.response_format])
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=openapi.errors())
     async def list_models() -> ModelList:
         return ModelList(data=[
             ModelCard(id=name, created=created, root=settings.model_name,
                       parent=None if name == settings.model_name else settings.model_name)
             for name in settings.model_names])
 
-    @app.get("/v1/audio/voices")
+    @app.get("/v1/audio/voices", responses=openapi.errors())
     async def list_voices() -> VoiceList:
         return VoiceList(data=voices.cards())
 
-    @app.post("/v1/audio/voices")
+    @app.post("/v1/audio/voices", status_code=201, response_model=VoiceCard, responses=openapi.UPLOAD_RESPONSES,
+              openapi_extra=openapi.UPLOAD_BODY)
     async def add_voice(request: Request):
         """multipart/form-data: `name`, `transcript` (what the clip says), `audio` (the clip file)."""
         fields = await _multipart(request)
@@ -163,23 +181,29 @@ def create_app(engine: SpeechEngine, settings: ServeSettings) -> FastAPI:
         if missing:
             raise APIError(400, f"missing form field(s) {', '.join(missing)}: send name, transcript and audio (file)",
                            param=missing[0])
-        audio, filename = fields["audio"]
-        suffix = filename.rpartition(".")[2] if filename and "." in filename else None
-        voice = await voices.add(fields["name"][0].decode("utf-8", "replace"),
-                                 fields["transcript"][0].decode("utf-8", "replace"), audio, suffix)
+        audio = fields["audio"]
+        suffix = audio.filename.rpartition(".")[2] if audio.filename and "." in audio.filename else None
+        voice = await voices.add(_form_text(fields, "name"), _form_text(fields, "transcript"), audio.data, suffix)
         card = next(c for c in voices.cards() if c.id == voice.name)
         return JSONResponse(card.model_dump(), status_code=201)
 
-    @app.get("/health")
+    @app.delete("/v1/audio/voices/{name}", responses=openapi.DELETE_RESPONSES)
+    async def delete_voice(name: str) -> VoiceDeleted:
+        """Remove an uploaded voice (from memory and from the voices directory); presets stay."""
+        await voices.delete(name)
+        return VoiceDeleted(id=name)
+
+    @app.get("/health", responses=openapi.HEALTH_RESPONSES)
     async def health():
         if engine.ready():
             return {"status": "ok"}
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=openapi.METRICS_RESPONSES)
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    install_playground(app)
     return app
 
 
@@ -230,11 +254,7 @@ class Job:
     def _finish(self, finished: Finished) -> None:
         self.finished = finished
         self._close()
-        m = self._metrics
-        m.finished.labels(finished.finish_reason).inc()
-        m.prompt_tokens.inc(finished.prompt_tokens)
-        m.steps.inc(finished.completion_tokens)
-        m.audio_seconds.labels(self.endpoint).inc(finished.audio_seconds)
+        self._metrics.audio_seconds.labels(self.endpoint).inc(finished.audio_seconds)
         first = f"{self._first_audio:.3f} s" if self._first_audio is not None else "never"
         log.info("req %s: finished (%s): prompt %d tokens, %d steps, %.2f s audio, first audio %s, total %.2f s",
                  self.request_id, finished.finish_reason, finished.prompt_tokens, finished.completion_tokens,
@@ -372,22 +392,54 @@ def _log_ignored(body: BaseModel, request_id: str) -> None:
         log.info("req %s: ignoring unknown fields %s", request_id, sorted(body.model_extra))
 
 
-async def _multipart(request: Request) -> dict[str, tuple[bytes, str | None]]:
-    """multipart/form-data -> {field: (bytes, filename)}, parsed with the standard library's MIME
-    parser (the body size is already capped by EdgeMiddleware)."""
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise APIError(415, "send multipart/form-data with fields name, transcript and audio (a file)")
-    raw = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + await request.body()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
-    if not message.is_multipart():
-        raise APIError(400, "malformed multipart body")
-    fields = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if name:
-            fields[name] = (part.get_payload(decode=True) or b"", part.get_filename())
-    return fields
+async def _multipart(request: Request) -> dict[str, FormPart]:
+    """A multipart/form-data body by field name: collected on the loop (EdgeMiddleware caps its
+    size and the wait for it), parsed in a worker thread within serve/forms.py's limits."""
+    try:
+        boundary = boundary_of(request.headers.get("content-type", ""))
+        if boundary is None:
+            raise APIError(415, "send multipart/form-data with fields name, transcript and audio (a file)")
+        return await asyncio.to_thread(parse_form, await request.body(), boundary)
+    except FormError as exc:
+        raise APIError(400, str(exc), code="invalid_form") from exc
+
+
+def _form_text(fields: dict[str, FormPart], name: str) -> str:
+    try:
+        return fields[name].data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, f"form field {name!r} is not valid UTF-8 text", param=name) from None
+
+
+# Every JSON request of this API is a small structure around at most one large string (a base64
+# clip). Bodies with more structure than any request needs are refused before parsing: json.loads
+# holds the GIL for its whole run (about 1.5 s for 24 MiB of tiny members), which stalls the event
+# loop and every other request whatever thread it runs in.
+MAX_JSON_SEPARATORS = 65536  # ',' and ':' bytes in a body (they bound its members and values)
+
+
+class _BoundedJSONRequest(Request):
+    async def json(self):
+        body = await self.body()
+        separators = body.count(b",") + body.count(b":")
+        if separators > MAX_JSON_SEPARATORS:
+            # an HTTPException, which FastAPI 0.165 lets through its body parsing (fastapi/routing.py)
+            raise StarletteHTTPException(413, f"request body has {separators} JSON separators; the limit is "
+                                              f"{MAX_JSON_SEPARATORS}: no request of this API needs that many")
+        return json.loads(body)
+
+
+class BoundedJSONRoute(APIRoute):
+    """Routes whose JSON bodies go through `_BoundedJSONRequest` (FastAPI's documented way to change
+    how a request body is read: https://fastapi.tiangolo.com/how-to/custom-request-and-route/)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(_BoundedJSONRequest(request.scope, request.receive))
+
+        return bounded
 
 
 def _shutdown_engine(engine: SpeechEngine, timeout_s: float) -> None:
@@ -406,16 +458,19 @@ def _shutdown_engine(engine: SpeechEngine, timeout_s: float) -> None:
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # FastAPI's and fastapi-offline's defaults
 
 
 class EdgeMiddleware:
     """Pure ASGI (no buffering of streamed responses): request id (X-Request-Id in and out), API
-    keys on /v1/*, the request body cap (413 before anything parses it), request metrics."""
+    keys on /v1/* and the API docs, the request body cap (413 before anything parses it) and wait
+    (408 when the body stalls), request metrics."""
 
     def __init__(self, app, settings: ServeSettings, metrics: Metrics):
         self.app = app
         self.keys = [key.encode() for key in settings.api_keys]
         self.max_body = settings.limits.max_body_bytes
+        self.body_timeout = settings.limits.body_timeout_s
         self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
@@ -446,7 +501,7 @@ class EdgeMiddleware:
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
     def _reject(self, path: str, headers: Headers) -> APIError | None:
-        if self.keys and path.startswith("/v1/"):
+        if self.keys and (path.startswith("/v1/") or path in DOCS_PATHS):
             scheme, _, key = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not key.strip():
                 return APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
@@ -462,16 +517,79 @@ class EdgeMiddleware:
         return None
 
     def _capped(self, receive):
-        """receive() that stops a body without Content-Length (chunked) at the same cap."""
-        seen = 0
+        """receive() that stops a body without Content-Length (chunked) at the same cap, and a body
+        whose next piece takes longer than body_timeout (a client that sends half a request)."""
+        seen, complete = 0, False
 
         async def capped():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body only http.disconnect comes, whenever the client leaves
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise StarletteHTTPException(408, f"the request body stalled for {self.body_timeout:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_body:
                     raise StarletteHTTPException(413, f"request body exceeds the {self.max_body} byte limit")
             return message
 
         return capped
+
+
+def http_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools, else h11) plus a deadline for the request head.
+
+    uvicorn 0.54 times out only idle keep-alive connections after a response
+    (`on_response_complete` in protocols/http/h11_impl.py and httptools_impl.py): a connection that
+    sends nothing, or half a request line or header block, is held forever. Here every connection
+    waiting for a request head (none yet, or the last response complete: `cycle` unset or
+    `cycle.response_complete`, as both implementations keep it) is closed after `header_timeout_s`.
+    Stalled bodies are EdgeMiddleware's (408)."""
+
+    class HeadTimeout(AutoHTTPProtocol):
+        def connection_made(self, transport):
+            self._head_timer = None
+            super().connection_made(transport)
+            self._watch_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch_head()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_timer()
+            super().connection_lost(exc)
+
+        def _waiting_for_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _watch_head(self) -> None:
+            if not self._waiting_for_head():
+                self._stop_timer()
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _stop_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self._waiting_for_head() and not self.transport.is_closing():
+                log.info("closing a connection that sent no complete request head in %g s", header_timeout_s)
+                self.transport.close()
+
+    return HeadTimeout
+
+
+def server_options(settings: ServeSettings) -> dict:
+    """uvicorn options that belong to the app's limits (`python -m serve` and the tests use them)."""
+    return {"http": http_protocol(settings.limits.header_timeout_s)}

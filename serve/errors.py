@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from serve.protocol import ErrorInfo, ErrorResponse
 
@@ -19,7 +20,8 @@ log = logging.getLogger("serve")
 _TYPES = {401: "authentication_error", 429: "rate_limit_error", 501: "not_implemented_error",
           503: "service_unavailable"}
 _CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
-          413: "request_too_large", 415: "unsupported_media_type", 429: "rate_limit_exceeded",
+          408: "request_timeout", 409: "conflict", 413: "request_too_large", 415: "unsupported_media_type",
+          429: "rate_limit_exceeded",
           500: "internal_error", 501: "not_implemented", 503: "unavailable"}
 
 
@@ -64,12 +66,27 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[APIError], None]) -
         message = str(exc.detail)
         if exc.status_code in (404, 405):
             message = f"{request.method} {request.url.path}: {message}"
-        return respond(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return respond(APIError(exc.status_code, message, headers=headers))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return respond(APIError(500, "internal server error; the server log has the traceback"))
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's 405 names only the methods of the
+    first route whose path matched (starlette 1.10 routing.py, Router.app), and FastAPI registers
+    one route per method, so GET and POST /v1/audio/voices would answer `Allow: GET`."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)  # PARTIAL: the path matches, the method does not
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def validation_error(errors: list[dict]) -> APIError:

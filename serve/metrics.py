@@ -6,6 +6,8 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from engines.api import Finished
+
 
 class Metrics:
     def __init__(self, queue_depth: Callable[[], int]):
@@ -31,6 +33,14 @@ class Metrics:
         self.cancelled = Counter("higgs_generations_cancelled_total",
                                  "Generations the server cancelled, by cause (disconnect, shutdown)",
                                  ["cause"], registry=r)
+
+    def count_finished(self, finished: Finished) -> None:
+        """One engine generation ended. Called by the engine's finish listener (on its thread) rather
+        than by the request handler, so that generations whose client left (cancelled) are counted
+        with their steps too."""
+        self.finished.labels(finished.finish_reason).inc()
+        self.prompt_tokens.inc(finished.prompt_tokens)
+        self.steps.inc(finished.completion_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,9 +20,35 @@ AudioFormat = Literal["wav", "pcm", "flac", "mp3", "opus", "aac"]
 
 
 class RequestModel(BaseModel):
-    """Base of every request body: strict types, unknown fields kept in `model_extra` (ignored)."""
+    """Base of every request body: strict types, unknown fields kept in `model_extra` (ignored),
+    every string UTF-16-clean (see `check_unicode`)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
+
+    @field_validator("*")
+    @classmethod
+    def _unicode_clean(cls, value: Any) -> Any:
+        check_unicode(value)
+        return value
+
+
+def check_unicode(value: Any) -> None:
+    """Strings (also inside lists and dicts) must be valid Unicode. JSON can spell a lone UTF-16
+    surrogate ("\\ud800"), which Python keeps in a str that nothing downstream can encode: the
+    tokenizer, the logs and the response would fail on it as a 500."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"text must be valid Unicode: a lone UTF-16 surrogate (U+{ord(value[exc.start]):04X}) "
+                             f"at character {exc.start}; pair it or remove it") from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key)
+            check_unicode(item)
 
 
 class ResponseModel(BaseModel):
@@ -102,6 +128,7 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    normalize_text: bool = Field(False, description="normalise the text to speak as upstream's generation example")
     extra_body: ExtraBody | None = None
     # accepted and ignored (typed so that garbage is still a 400)
     user: str | None = None
@@ -238,6 +265,8 @@ class AudioSpeechRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     reference_audio: str | None = None
     reference_transcript: str | None = None
+    normalize_text: bool | None = Field(None, description="normalise the input as upstream's generation example "
+                                        "(Chinese punctuation, [laugh] tags, ...); None = the server's setting")
 
 
 class SpeechAudioDelta(ResponseModel):
@@ -281,6 +310,13 @@ class VoiceCard(ResponseModel):
     transcript: str
     aliases: list[str] = Field(default_factory=list, description="OpenAI voice names mapped to it")
     source: Literal["builtin", "preset", "uploaded"]
+    description: str | None = Field(None, description="what a built-in voice sounds like (its speaker description)")
+
+
+class VoiceDeleted(ResponseModel):
+    id: str
+    object: Literal["voice.deleted"] = "voice.deleted"
+    deleted: Literal[True] = True
 
 
 class VoiceList(ResponseModel):

@@ -15,7 +15,7 @@ Runtime = Literal["ort-cpu", "ort-cuda", "tensorrt"]
 class Limits:
     """What one request may ask for. Everything beyond is a 4xx that names the limit."""
 
-    max_input_chars: int = 4096  # all text of a request: target, transcripts, scene description
+    max_input_chars: int = 20_000  # all text of a request: target, transcripts, scene description
     max_messages: int = 32
     max_completion_tokens: int = 4096  # upper bound for max_completion_tokens (steps, §5.7)
     default_max_tokens: int = 1024  # when the request names none: about 40 s of audio, or what fits in the
@@ -25,6 +25,9 @@ class Limits:
     min_reference_seconds: float = 0.5
     max_reference_seconds: float = 30.0
     max_references: int = 4  # reference clips in one request
+    max_uploaded_voices: int = 32  # POST /v1/audio/voices; each keeps up to 30 s of 24 kHz float32 in memory
+    header_timeout_s: float = 10.0  # a connection that has not sent a complete request head by then is closed
+    body_timeout_s: float = 30.0  # longest wait for the next piece of a request body (408 after)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +38,10 @@ class ServeSettings:
     engine defaults (spec llm.md §6.1: temperature 0.7, top_p 0.95, top_k off, RAS window 7 /
     max 2 repeats), not the hosted example's (which sends temperature 1.0, top_k 50 itself).
 
-    `voice_aliases` maps names clients send (e.g. OpenAI's alloy, ash, ballad, coral, echo,
-    fable, nova, onyx, sage, shimmer, verse, marin, cedar) to preset names in `voices_dir`; a
-    name that is neither a preset nor an alias is a 400, never a silent fallback.
+    `voice_aliases` maps names clients send to preset names in `voices_dir` or to built-in voices
+    (OpenAI's alloy, ash, ballad, coral, echo, fable, nova, onyx, sage, shimmer, verse, marin, cedar
+    are built in, serve/builtin_voices.py; an alias or preset of the same name overrides them); a
+    name that is none of these is a 400, never a silent fallback.
     """
 
     artifacts: Path | None = None
@@ -55,6 +59,13 @@ class ServeSettings:
     sampling: SamplingParams = SamplingParams()
     limits: Limits = Limits()
     shutdown_timeout_s: float = 30.0  # drain budget for in-flight generations on shutdown
+    normalize_text: bool = True  # speech input normalised as upstream's generation example (serve/textnorm.py)
+    # long text (serve/longform.py): chunks of at most this many characters, and how many previous
+    # chunks each chunk's prompt keeps. 200 characters of English are about 13 s of speech (~340
+    # audio positions, 45-65 Llama-3 tokens), so two carried chunks, a scene prompt and the default
+    # max_tokens (1024) fit the default 2048-position KV cache; at 300 only one would.
+    chunk_chars: int = 200
+    chunk_context: int = 2
 
     @property
     def model_names(self) -> tuple[str, ...]:

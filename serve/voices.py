@@ -11,6 +11,8 @@ Preset directory layouts (all may be mixed in one `--voices DIR`):
 * `NAME/` holding one audio file + `transcript.txt` (+ optional `system_prompt.txt`); voices
   uploaded through POST /v1/audio/voices are stored this way.
 The reserved name `default` means "no reference" (the model picks a voice; fix it with `seed`).
+OpenAI's voice names are built in as speaker descriptions (serve/builtin_voices.py); a preset or an
+alias of the same name takes precedence.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -32,6 +35,7 @@ import numpy as np
 
 from engines.api import AudioCodes, SpeechEngine
 from engines.audio_io import AudioError, decode_audio, encode_audio, resample, to_pcm16
+from serve.builtin_voices import BUILTIN_VOICES
 from serve.errors import APIError
 from serve.protocol import VoiceCard
 from serve.settings import Limits
@@ -39,7 +43,7 @@ from serve.settings import Limits
 log = logging.getLogger("serve")
 
 DEFAULT_VOICE = "default"
-VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch: "$" lets "a\n" through
 _AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm")
 
 
@@ -47,9 +51,13 @@ _AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".w
 class Voice:
     name: str
     transcript: str
-    wave: np.ndarray  # 24 kHz mono float32
-    source: str  # "preset" | "uploaded"
+    wave: np.ndarray | None  # 24 kHz mono float32; None for a built-in voice
+    source: str  # "builtin" | "preset" | "uploaded"
     system_prompt: str | None = None
+    description: str | None = None  # a built-in voice's speaker description (scene prompt)
+
+
+_BUILTINS = {name: Voice(name, "", None, "builtin", description=text) for name, text in BUILTIN_VOICES.items()}
 
 
 def decode_base64(data: str, param: str) -> bytes:
@@ -141,8 +149,9 @@ class VoiceLibrary:
                     raise ValueError(f"voice preset {name!r}: {exc.message}") from exc
                 self._voices[name] = Voice(name, transcript, wave, "preset", system_prompt)
         for alias, target in self._aliases.items():
-            if target not in self._voices:
-                raise ValueError(f"voice alias {alias!r} points to {target!r}, which is not a preset in {self._dir}")
+            if target not in self._voices and target not in _BUILTINS:
+                raise ValueError(f"voice alias {alias!r} points to {target!r}, which is neither a preset in "
+                                 f"{self._dir} nor a built-in voice")
         for voice in self._voices.values():
             try:
                 await self._encoder.encode(voice.wave)
@@ -156,9 +165,10 @@ class VoiceLibrary:
         """The voice for a name or alias; None for `default`; 400 for anything else."""
         if name == DEFAULT_VOICE:
             return None
-        voice = self._voices.get(self._aliases.get(name, name))
+        target = self._aliases.get(name, name)
+        voice = self._voices.get(target) or _BUILTINS.get(target)
         if voice is None:
-            known = sorted([DEFAULT_VOICE, *self._voices, *self._aliases])
+            known = sorted({DEFAULT_VOICE, *self._voices, *self._aliases, *_BUILTINS})
             raise APIError(400, f"unknown voice {name!r}; this server has: {', '.join(known)} "
                            "(upload one with POST /v1/audio/voices)", code="voice_not_found", param=param)
         return voice
@@ -170,31 +180,63 @@ class VoiceLibrary:
         aliases = collections.defaultdict(list)
         for alias, target in self._aliases.items():
             aliases[target].append(alias)
-        return [VoiceCard(id=DEFAULT_VOICE, name=DEFAULT_VOICE, transcript="", source="builtin")] + [
-            VoiceCard(id=v.name, name=v.name, transcript=v.transcript, aliases=sorted(aliases[v.name]), source=v.source)
-            for v in sorted(self._voices.values(), key=lambda v: v.name)]
+        builtins = [v for name, v in _BUILTINS.items() if name not in self._voices and name not in self._aliases]
+        return [VoiceCard(id=DEFAULT_VOICE, name=DEFAULT_VOICE, transcript="", source="builtin",
+                          description="no voice given: the model picks one (fix it with seed)")] + [
+            VoiceCard(id=v.name, name=v.name, transcript=v.transcript, aliases=sorted(aliases[v.name]), source=v.source,
+                      description=v.description)
+            for v in builtins + sorted(self._voices.values(), key=lambda v: v.name)]
 
     async def add(self, name: str, transcript: str, audio: bytes, fmt: str | None) -> Voice:
         """Validate, encode and keep a new voice; stored under DIR/NAME/ when a directory is set
-        (otherwise it lives until restart)."""
-        if not VOICE_NAME.match(name):
+        (otherwise it lives until restart). At most `limits.max_uploaded_voices` uploads are kept
+        (each holds its waveform in memory); DELETE frees a place."""
+        if not VOICE_NAME.fullmatch(name):
             raise APIError(400, "name must be 1-64 characters of letters, digits, '_', '.', '-' and start with a "
                            "letter or digit", param="name")
         transcript = transcript.strip()
         if not transcript or len(transcript) > self._limits.max_input_chars:
             raise APIError(400, f"transcript must be 1-{self._limits.max_input_chars} characters of what the clip "
                            "says", param="transcript")
+        self._check_new(name)  # before the decode and encode work, and again under the lock
         wave = await load_reference(audio, fmt, self._limits, self._rate, "audio")
         await self._encoder.encode(wave)
         async with self._add_lock:
-            if name == DEFAULT_VOICE or name in self._voices or name in self._aliases:
-                raise APIError(409, f"voice {name!r} already exists; pick another name", code="voice_exists",
-                               param="name")
+            self._check_new(name)
             if self._dir is not None:
                 await asyncio.to_thread(self._store, name, transcript, wave)
             voice = self._voices[name] = Voice(name, transcript, wave, "uploaded")
         log.info("voice %r added (%.2f s, stored=%s)", name, len(wave) / self._rate, self._dir is not None)
         return voice
+
+    async def delete(self, name: str) -> None:
+        """Forget an uploaded voice and remove the NAME/ directory its upload wrote. Presets (files
+        an operator put in the voices directory) are never deleted through the API."""
+        async with self._add_lock:
+            voice = self._voices.get(name) if VOICE_NAME.fullmatch(name) else None
+            if voice is None:
+                raise APIError(404, f"no uploaded voice {name!r}", code="voice_not_found", param="name")
+            if voice.source != "uploaded":
+                raise APIError(403, f"voice {name!r} is a preset of the server's voices directory; only voices "
+                               "uploaded through POST /v1/audio/voices can be deleted", code="voice_is_preset",
+                               param="name")
+            if self._dir is not None:
+                await asyncio.to_thread(shutil.rmtree, self._dir / name)
+            del self._voices[name]
+        log.info("voice %r deleted", name)
+
+    def _check_new(self, name: str) -> None:
+        """409 for a name that is taken: a voice, an alias, a built-in voice, or any entry of the voices
+        directory (config.json, a clip, a folder): uploads write DIR/NAME/ and nothing else."""
+        if (name == DEFAULT_VOICE or name in self._voices or name in self._aliases or name in _BUILTINS
+                or (self._dir is not None and os.path.lexists(self._dir / name))):
+            raise APIError(409, f"the name {name!r} is taken on this server; pick another name", code="voice_exists",
+                           param="name")
+        uploaded = sum(v.source == "uploaded" for v in self._voices.values())
+        if uploaded >= self._limits.max_uploaded_voices:
+            raise APIError(429, f"this server keeps at most {self._limits.max_uploaded_voices} uploaded voices; "
+                           "delete one first (DELETE /v1/audio/voices/{name})", code="voice_quota_exceeded",
+                           param="name")
 
     def _store(self, name: str, transcript: str, wave: np.ndarray) -> None:
         """Write NAME/ atomically: a crash leaves no half-written preset to break the next startup."""
@@ -219,7 +261,7 @@ def _scan(root: Path) -> dict[str, tuple[str, Path, str | None]]:
     def add(name: str, transcript: str, audio: Path, system_prompt: str | None = None) -> None:
         if name in found:
             raise ValueError(f"voice preset {name!r} is defined twice in {root}")
-        if not VOICE_NAME.match(name) or name == DEFAULT_VOICE:
+        if not VOICE_NAME.fullmatch(name) or name == DEFAULT_VOICE:
             raise ValueError(f"voice preset name {name!r} in {root} is not allowed")
         if not audio.is_file():
             raise ValueError(f"voice preset {name!r}: audio file {audio} does not exist")

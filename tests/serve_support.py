@@ -24,7 +24,7 @@ import uvicorn
 
 from engines.api import Finished, SpeechRequest
 from engines.generate import Engine
-from serve.app import create_app
+from serve.app import create_app, server_options
 from serve.settings import Limits, ServeSettings
 
 MODEL = "higgs-audio-v2"
@@ -150,6 +150,12 @@ def settings_for(voices_dir: Path | None = None, **overrides) -> ServeSettings:
                          if voices_dir else {}, limits=limits, shutdown_timeout_s=10.0, **overrides)
 
 
+def delta_audio(delta) -> dict | None:
+    """A chat stream chunk's delta.audio as a dict: a typed field in recent SDKs, an extra key in older ones."""
+    audio = getattr(delta, "audio", None) or (delta.model_extra or {}).get("audio")
+    return audio if audio is None or isinstance(audio, dict) else audio.model_dump()
+
+
 def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
     """Poll `condition` until it returns something truthy (returned) or fail after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -174,7 +180,8 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=10))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=10,
+                                                    **server_options(settings)))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import wave
 
 import numpy as np
@@ -16,6 +17,7 @@ from engines.generate import Engine
 from engines.manifest import Manifest
 from engines.ort_runtime import OrtBackbone
 from engines.prompt import tts_messages
+from engines.sampling import GraphSampler, HostSampler
 from goldens import load
 
 GREEDY = SamplingParams(temperature=0.0, ras_window=0)
@@ -38,16 +40,25 @@ def engine(tiny_artifacts):
     return Engine.from_artifacts(tiny_artifacts, max_batch=4, max_len=1024, stream_frames=2)
 
 
+@pytest.fixture(scope="module")
+def graph_engine(engine, tiny_artifacts):
+    """The same runtime and codec, audio drawn by the exported sampler graph (as on a GPU)."""
+    return Engine(engine.runtime, engine.codec, renderer=engine.renderer, stream_frames=2,
+                  sampler=GraphSampler.load(tiny_artifacts / "audio_sampler.onnx"))
+
+
 def say(text: str, **kwargs) -> SpeechRequest:
     return SpeechRequest(tts_messages(text), **kwargs)
 
 
 @pytest.mark.parametrize("name", ["llm_tiny", "llm_tiny_eos3"])
-@pytest.mark.parametrize("prefill_graph", [True, False], ids=["prefill-graph", "split-prefill"])
-def test_greedy_generation_reproduces_upstream(golden_artifacts, name, prefill_graph):
+@pytest.mark.parametrize("prefill_graph,sampler", [(True, "host"), (False, "host"), (True, "graph")],
+                         ids=["prefill-graph", "split-prefill", "sampler-graph"])
+def test_greedy_generation_reproduces_upstream(golden_artifacts, name, prefill_graph, sampler):
     golden = load(name)
     runtime = OrtBackbone(Manifest.load(golden_artifacts(name)), max_batch=2, max_len=128, prefill_graph=prefill_graph)
-    engine = Engine(runtime, codec=None)
+    draw = GraphSampler.load(golden_artifacts(name) / "audio_sampler.onnx") if sampler == "graph" else HostSampler()
+    engine = Engine(runtime, codec=None, sampler=draw)
     requests = []
     for case in ("zero_shot", "voice_clone"):
         audio = (golden[f"{case}/prompt_audio_out_ids"],) if case == "voice_clone" else ()
@@ -75,7 +86,37 @@ def test_streamed_chunks_equal_the_one_shot_decode(engine, tiny_artifacts):
         assert np.abs(pcm - one_shot).max() <= 1e-5
 
 
-def test_seed_makes_a_request_reproducible_whatever_the_batch(engine):
+class _GatedDecoder:
+    """Codec decoder whose decode waits (up to 3 s) for the engine to start another backbone audio step."""
+
+    def __init__(self, inner, audio_steps: list):
+        self.inner, self.audio_steps, self.overlapped = inner, audio_steps, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, codes):
+        seen, deadline = len(self.audio_steps), time.monotonic() + 3
+        while len(self.audio_steps) == seen and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self.overlapped.append(len(self.audio_steps) > seen)
+        return self.inner.decode(codes)
+
+
+def test_codec_decodes_while_the_next_backbone_step_runs(tiny_artifacts):
+    """Codec windows are off the critical path: a window planned in one step is decoded while the
+    engine already runs its next audio step (on the engine's own thread the decode would time out)."""
+    engine = Engine.from_artifacts(tiny_artifacts, max_batch=1, max_len=512, stream_frames=2)
+    audio_steps, audio_step = [], engine.runtime.audio_step
+    engine.runtime.audio_step = lambda *args: (audio_steps.append(1), audio_step(*args))[1]
+    engine.codec = gated = _GatedDecoder(engine.codec, audio_steps)
+    (pcm, finished), = run(engine, say("Off the critical path.", sampling=SamplingParams(seed=3), max_tokens=60))
+    assert pcm.size and len(gated.overlapped) > 1 and gated.overlapped[0]
+
+
+@pytest.mark.parametrize("sampler", ["host", "graph"])
+def test_seed_makes_a_request_reproducible_whatever_the_batch(request, sampler):
+    engine = request.getfixturevalue("engine" if sampler == "host" else "graph_engine")
     params = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=11)
     (alone, a), = run(engine, say("Reproducible speech.", sampling=params))
     batch = run(engine, say("Other one.", sampling=SamplingParams(seed=1)), say("Reproducible speech.", sampling=params),

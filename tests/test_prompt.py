@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from engines.api import AudioCodes, Message
+from engines.api import AudioCodes, Message, SpecialToken
 from engines.delay import delay_pattern
 from engines.prompt import (
     AUDIO_OUT,
     MULTISPEAKER_INSTRUCTION,
     PromptRenderer,
     StopMatcher,
+    content_text,
     expand_prompt,
     mask_runs,
     tts_messages,
@@ -203,15 +204,18 @@ def test_tts_messages_conventions():
     block = f"<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>"
     zero_shot = tts_messages("hi", scene=scene)
     system = f"Generate audio following instruction.\n\n{block}"
-    assert zero_shot == [Message("system", (system,)), Message("user", ("hi",))]
+    assert [m.role for m in zero_shot] == ["system", "user"] and zero_shot[1].content == ("hi",)
+    assert zero_shot[0].content == ("Generate audio following instruction.\n\n", SpecialToken("<|scene_desc_start|>"),
+                                    f"\n{scene}\n", SpecialToken("<|scene_desc_end|>"))
+    assert content_text(zero_shot[0].content) == system
     assert [m.role for m in tts_messages("hi", references=[("ref", _codes(2))])] == ["user", "assistant", "user"]
     cloned = tts_messages("hi", scene=scene, references=[("a", _codes(2)), ("b", _codes(3))])
     assert [m.role for m in cloned] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert cloned[3].content == ("[SPEAKER1] b",) and isinstance(cloned[4].content[0], AudioCodes)
-    multi = tts_messages("[SPEAKER0] Hi. [SPEAKER1] Hello!", scene=scene)[0].content[0]
+    multi = content_text(tts_messages("[SPEAKER0] Hi. [SPEAKER1] Hello!", scene=scene)[0].content)
     lines = "SPEAKER0: feminine\nSPEAKER1: masculine"
     assert multi == f"{MULTISPEAKER_INSTRUCTION}\n\n<|scene_desc_start|>\n{scene}\n\n{lines}\n<|scene_desc_end|>"
-    described = tts_messages("[SPEAKER0] Hi.", speakers=["deep voice", "high voice"])[0].content[0]
+    described = content_text(tts_messages("[SPEAKER0] Hi.", speakers=["deep voice", "high voice"])[0].content)
     assert "<|scene_desc_start|>\nSPEAKER0: deep voice\nSPEAKER1: high voice\n<|scene_desc_end|>" in described
     assert tts_messages("hi", system="custom")[0] == Message("system", ("custom",))
 

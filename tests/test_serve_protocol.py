@@ -24,8 +24,9 @@ import soxr
 
 from engines.api import AudioChunk, AudioCodes, Message, SamplingParams, SpeechRequest
 from engines.audio_io import encode_audio, to_pcm16
-from serve_support import (MODEL, SEED_ALIAS, LiveServer, artifacts_without_encoder, make_engine, settings_for,
-                           tone_wav, wait_for, write_voices)
+from engines.prompt import content_text
+from serve_support import (MODEL, SEED_ALIAS, LiveServer, artifacts_without_encoder, delta_audio, make_engine,
+                           settings_for, tone_wav, wait_for, write_voices)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_FILE = ROOT.parent / "shared" / "api" / "chat_completion_example.json"  # beside the repo
@@ -89,19 +90,13 @@ def test_chat_completion_via_sdk_returns_wav(client, live):
     assert live.recorder.encode_calls == encodes  # the preset behind "alloy" was encoded at startup
 
 
-def _delta_audio(delta) -> dict | None:
-    """delta.audio as a dict: a typed field in recent SDKs, an extra key in older ones."""
-    audio = getattr(delta, "audio", None) or (delta.model_extra or {}).get("audio")
-    return audio if audio is None or isinstance(audio, dict) else audio.model_dump()
-
-
 def test_streaming_pcm_equals_non_streamed_audio(endless_client):
     params = dict(seed=4, max_completion_tokens=60)  # 60 steps: 51 frames = 2 s of audio, 7 stream chunks
     whole = _pcm(base64.b64decode(_chat(endless_client, **params).choices[0].message.audio.data))
     stream = _chat(endless_client, **params, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    audio = [a for a in (_delta_audio(c.choices[0].delta) for c in chunks if c.choices) if a]
+    audio = [a for a in (delta_audio(c.choices[0].delta) for c in chunks if c.choices) if a]
     assert len(audio) >= 5 and len({a["id"] for a in audio}) == 1
     pcm = np.frombuffer(b"".join(base64.b64decode(a["data"]) for a in audio), dtype="<i2")
     assert len(whole) > 24000
@@ -253,9 +248,8 @@ def test_voice_cloning_in_chat_encodes_each_clip_once(live, client):
     assert live.recorder.encode_calls == calls_before + 1  # cached by content hash
     request = live.recorder.submitted[-1]
     assert [m.role for m in request.messages] == ["system", "user", "assistant", "user"]
-    assert request.messages[0].content[0].startswith("Generate audio following instruction.")
-    assert "<|scene_desc_start|>\nAudio is recorded from a quiet room.\n<|scene_desc_end|>" in \
-        request.messages[0].content[0]
+    assert content_text(request.messages[0].content) == \
+        "Generate audio following instruction.\n\n<|scene_desc_start|>\nAudio is recorded from a quiet room.\n<|scene_desc_end|>"
     assert request.messages[2].content[0].codes.shape == (8, 38)  # 1.5 s at 25 frames/s (+ the codec's edge)
 
 

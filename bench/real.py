@@ -1,0 +1,214 @@
+"""`make bench` section `real`: the CPU path at real size (issue 13).
+
+The random `v2.5-1b` checkpoint (Llama-3.2-1B shape, DualFFN) exported in float32 and quantized
+to int8 / int4 (export/quantize.py), with the real-size codec, all on this machine's cores:
+
+- audio step (backbone_audio.onnx in its own session) per weight scheme, batch 1 and 4;
+- the decode loop (Engine.step, greedy, stream EOS masked) with the real-size streaming codec:
+  x real time and time to first audio;
+- streaming codec decode per audio second: the old fixed 8-frame chunks against the doubling
+  schedule of engines.codec.StreamingDecoder, and the one-shot decode;
+- each scheme's distance from float32 on the same weights (export.quantize.agreement);
+- start-up and peak RSS of `python -m engines.generate` per scheme (child processes).
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import Section, fmt_bytes, fmt_ms, fmt_ratio, interleaved, median, ratio
+
+SCHEMES = ("float32", "int8", "int4")
+
+
+def quantized(ws, size: str, scheme: str) -> Path:
+    """The float32 export of `size`, or its `scheme` quantization (python -m export.quantize, a child)."""
+    if scheme == "float32":
+        return ws.artifacts(size)
+    bits = {"int8": "8", "int4": "4"}[scheme]
+
+    def build():
+        out = ws.root / f"onnx-{size}-{scheme}"
+        ws.log(f"quantizing {size} to {scheme}")
+        ws.child(f"onnx-{size}-{scheme}", ["-m", "export.quantize", "--artifacts", str(ws.artifacts(size)), "--out", str(out), "--bits", bits])
+        return out
+
+    return ws._once(f"onnx-{size}-{scheme}", build)
+
+
+def sizes(cfg) -> tuple[str, str]:
+    """(backbone size, codec size): real size, or mid / tiny for `--quick` (a wiring check, minutes)."""
+    return ("mid", "tiny") if cfg.quick else ("v2.5-1b", "real")
+
+
+def prebuild(ws, cfg) -> tuple[list, list]:
+    """The builds this section needs (backbone chain, codec chain) for bench.cpu.prebuild_chains."""
+    size, codec = sizes(cfg)
+    return [lambda s=s: quantized(ws, size, s) for s in SCHEMES], [lambda: ws.codec_graphs(codec)]
+
+
+def _stream(decoder, codes: np.ndarray, min_frames: int, max_frames: int) -> np.ndarray:
+    from engines.codec import StreamingDecoder
+
+    streamer = StreamingDecoder(decoder, min_frames=min_frames, max_frames=max_frames)
+    parts = [streamer.push(codes[:, i : i + 1]) for i in range(codes.shape[1])]  # one frame per step, as the loop
+    return np.concatenate(parts + [streamer.flush()])
+
+
+def section_real(ws, cfg, log) -> Section:
+    from engines.codec import CodecDecoder, StreamingDecoder
+    from engines.generate import Engine
+    from engines.manifest import Manifest
+    from engines.ort_runtime import OrtBackbone
+    from export.quantize import agreement
+
+    from .cpu import AUDIO_FRAME_RATE, LOOP_TEXT, _no_stream_eos, _result, _run_requests, _TimedDecoder  # .cpu imports this module
+
+    size, codec_size = sizes(cfg)
+    section = Section("real", f"6. CPU at real size ({size}, {codec_size} codec)")
+    threads = cfg.cores()
+    dirs = {s: quantized(ws, size, s) for s in SCHEMES}
+    codec_path = ws.codec_graphs(codec_size) / "codec_decoder.onnx"
+
+    # start-up and peak RSS (child processes), first: this process holds nothing big yet
+    rss_rows = []
+    for scheme in SCHEMES:
+        for prefill in ("graph", "split"):
+            if scheme == "float32" and prefill == "graph" and not cfg.quick:
+                section.skipped.append(f"{size} float32 engine with the prefill session: ~18 GB of prepacked weights "
+                                       "(issue 13 measured 17.8 GB peak), more than this shared machine can spare")
+                continue
+            log(f"real: engine start-up and one 50-step request, {scheme}, prefill {prefill}, in a child process")
+            child = ws.child(f"serve-{scheme}-{prefill}", ["-m", "bench._child", "serve", str(dirs[scheme]), str(codec_path), "50", prefill],
+                             echo=False)
+            result = _result(child)
+            rss_rows.append([scheme, prefill, f"{result['startup_seconds']:.1f}", fmt_bytes(result["rss_ready"].get("VmRSS")),
+                             fmt_bytes(result["rss_ready"].get("RssAnon")), fmt_bytes(child.peak_rss)])
+            section.summary.append((f"{size} {scheme}, prefill {prefill}: start-up s, peak RSS",
+                                    f"{result['startup_seconds']:.1f} s, {fmt_bytes(child.peak_rss)}"))
+    section.table("engine in a child process (bench._child serve): sessions + codec + warm-up, then one request of 50 steps; "
+                  "prefill graph = three backbone sessions, split = text + audio sessions only (prompt runs through them)",
+                  ["weights", "prefill", "start-up s", "RSS when ready", "of it anonymous", "peak RSS"], rss_rows)
+    section.notes.append("ONNX Runtime prepacks MatMul / MatMulNBits weights into each session's own heap (anonymous memory), so "
+                         "sessions do not share weights through the memory-mapped weights.bin (the onnxruntime Python API has no "
+                         "shared prepacked-weights container)")
+
+    # streaming codec
+    decoder = CodecDecoder(codec_path, ["CPUExecutionProvider"])
+    defaults = inspect.signature(StreamingDecoder.__init__).parameters
+    stream_frames = inspect.signature(Engine.__init__).parameters["stream_frames"].default
+    seconds = 10.0
+    codes = np.random.default_rng(0).integers(0, 1024, (decoder.num_quantizers, int(seconds * AUDIO_FRAME_RATE)))
+    one_shot = decoder.decode(codes)
+    cases = {
+        "one-shot": lambda: decoder.decode(codes),
+        f"streaming, fixed {stream_frames}-frame chunks": lambda: _stream(decoder, codes, stream_frames, stream_frames),
+        f"streaming, {stream_frames}..{defaults['max_frames'].default} doubling (default)":
+            lambda: _stream(decoder, codes, stream_frames, defaults["max_frames"].default),
+    }
+    rows = []
+    for name, fn in cases.items():
+        rows.append([name, f"{float(np.abs(fn() - one_shot).max()):.1e}"])
+    log(f"real: {codec_size} codec decode, {seconds:.0f} s of audio, {cfg.codec_rounds} rounds")
+    times = interleaved({n: (lambda fn=fn: _timed(fn)) for n, fn in cases.items()}, cfg.codec_rounds)
+    per_second = {n: median(v) / seconds for n, v in times.items()}
+    for row in rows:
+        row.insert(1, fmt_ms(per_second[row[0]], 0))
+    fixed, doubling = list(per_second.values())[1:]
+    section.table(f"{codec_size} codec decode, ms per audio second ({seconds:.0f} s of audio, median of {cfg.codec_rounds})",
+                  ["decode", "ms per audio s", "max |diff| vs one-shot"], rows)
+    section.summary.append((f"{codec_size} codec streaming decode: ms per audio s (fixed {stream_frames} / doubling)",
+                            f"{fmt_ms(fixed, 0)} / {fmt_ms(doubling, 0)} ({fmt_ratio(ratio(fixed, doubling))})"))
+
+    # audio step per scheme: the audio graph alone (a float32 1B engine holds ~8 GB of prepacked weights;
+    # three of them at once would not leave this machine room for anything else)
+    step_rows, loop_rows = [], []
+    manifests = {s: Manifest.load(d) for s, d in dirs.items()}
+    spec = manifests["float32"].model
+    for batch in cfg.loop_batches:
+        steps = {s: _audio_step(manifests[s], batch, threads) for s in SCHEMES}
+        for warm in steps.values():
+            warm()
+        log(f"real: audio step b{batch}, {', '.join(SCHEMES)}")
+        t = {s: median(v) for s, v in interleaved(steps, 5).items()}
+        for s in SCHEMES:
+            step_rows.append([batch, s, fmt_ms(t[s]), fmt_ratio(ratio(t["float32"], t[s])), f"{batch / t[s] / AUDIO_FRAME_RATE:.2f}"])
+        section.summary.append((f"{size} audio step b{batch}: float32 / int4", fmt_ratio(ratio(t["float32"], t["int4"]))))
+        del steps, warm
+        gc.collect()  # sessions before the next batch's: one set of audio sessions at a time
+    section.table("audio step (backbone_audio.onnx alone, cache length 200 of 256, engine session options, median of 5 "
+                  "interleaved blocks of 5 calls)", ["batch", "weights", "ms per step", "float32 / this", "x real time (backbone only)"],
+                  step_rows)
+
+    # full loop with the real codec
+    from engines.api import SamplingParams, SpeechRequest
+    from engines.prompt import PromptRenderer, tts_messages
+
+    renderer = PromptRenderer(manifests["float32"].tokenizer, spec.num_codebooks)
+    tokens = cfg.max_tokens
+    for scheme in SCHEMES:
+        for batch in cfg.loop_batches:
+            runtime = OrtBackbone(manifests[scheme], max_batch=batch, max_len=cfg.max_len, threads=threads, prefill_graph=False)
+            timed = _TimedDecoder(CodecDecoder(codec_path, ["CPUExecutionProvider"]))
+            engine = Engine(_no_stream_eos(runtime), timed, renderer=renderer)
+            engine.warmup()
+            request = SpeechRequest(tts_messages(LOOP_TEXT), sampling=SamplingParams(temperature=0.0), max_tokens=tokens)
+            log(f"real: loop {scheme} b{batch}, {tokens} steps")
+            started = time.perf_counter()
+            run = _run_requests(engine, [request for _ in range(batch)])
+            wall = time.perf_counter() - started
+            audio_s = sum(run["tokens"]) / AUDIO_FRAME_RATE
+            loop_rows.append([scheme, batch, fmt_ms(run["step"]), fmt_ms(run["graph"]), fmt_ms(run["codec"]),
+                              fmt_ms(median(run["ttfa"])), f"{audio_s / wall:.2f}"])
+            section.summary.append((f"{size} {scheme} loop b{batch}: audio s per s", f"{audio_s / wall:.2f}"))
+            engine.shutdown()
+            del engine, runtime, timed
+            gc.collect()  # the engine's threads and wrappers form cycles: free this runtime before the next
+    section.table(f"decode loop (Engine.step, greedy, {tokens} steps per request, {codec_size} codec, one run each)",
+                  ["weights", "batch", "loop ms", "graph ms", "codec ms", "TTFA ms", "audio s per s"], loop_rows)
+
+    # distance from float32
+    acc_rows = []
+    for scheme in SCHEMES[1:]:
+        log(f"real: {scheme} vs float32, 200 frames")
+        a = agreement(dirs["float32"], dirs[scheme], frames=200)
+        acc_rows.append([scheme, f"{a['text_logits_max_abs']:.3g}", f"{a['logits_max_abs']:.3g}", f"{a['logits_max_rel']:.3g}",
+                         f"{min(a['top1_per_codebook']):.1%} .. {max(a['top1_per_codebook']):.1%}", f"{a['greedy_frames_equal']:.1%}"])
+    section.table("distance from float32 on the same (random) weights: prompt of 32 random tokens, then 200 audio steps",
+                  ["weights", "text logits max abs", "audio logits max abs", "max rel", "top-1 per codebook (teacher forced)",
+                   "greedy frames equal"], acc_rows)
+
+    section.notes.append(
+        f"{size} = export.tiny's random checkpoint of that size, exported float32 and quantized by export/quantize.py "
+        "(MatMulNBits, symmetric, block 32, accuracy_level 4); random weights, so the distances from float32 are numbers, "
+        "not a quality claim: check real weights with a listening test or an ASR round trip. The codec is export.tiny_codec's "
+        f"random codec of size '{codec_size}'. Stream EOS masked so every request runs its full length."
+    )
+    return section
+
+
+def _audio_step(manifest, batch: int, threads: int, length: int = 200, max_len: int = 256):
+    """A timer of one audio step of `batch` rows through backbone_audio.onnx in its own session."""
+    import onnxruntime as ort
+
+    from engines.ort_runtime import session_options
+
+    session = ort.InferenceSession(str(manifest.graph_path("audio")), session_options("cpu", threads), providers=["CPUExecutionProvider"])
+    spec = manifest.model
+    cache = np.zeros((batch, spec.num_kv_heads, max_len, spec.head_dim), np.float32)
+    feed = {"audio_codes": np.zeros((batch, 1, spec.num_codebooks), np.int64), "cache_lengths": np.full(batch, length, np.int64),
+            "last_index": np.zeros(batch, np.int64)}
+    feed.update({f"past_{kind}_{i}": cache for i in range(spec.num_layers) for kind in ("key", "value")})
+    outputs = ["audio_logits"]
+    return lambda: _timed(lambda: [session.run(outputs, feed) for _ in range(5)]) / 5
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started

@@ -1,0 +1,287 @@
+"""Weight-only quantized backbone graphs: MatMul weights -> ONNX Runtime's `MatMulNBits` (int4 / int8).
+
+    python -m export.quantize --artifacts FP32_DIR --out DIR --bits 4|8 [--block-size 32] [--accuracy-level 4]
+
+Why: on the CPU an audio step is bound by reading weights (4.03 GB per step for the 1B in float32);
+4-bit blocks read ~1/7 of that. `make export DTYPE=int4|int8` exports float32 and then runs this.
+
+What changes: every MatMul / Gemm(transB) whose weight is a 2-D initializer becomes a
+com.microsoft `MatMulNBits` (symmetric blocks along K, no zero-point input: the kernel's default
+zero point 2^(bits-1) applies). Embeddings (Gather), norms and graph constants stay float32, and
+activations, logits and the KV cache stay float32 (the manifest's `dtype`). The three graphs still
+share one `weights.bin`: a weight read by several graphs is quantized and stored once. Tensors are
+read one block of rows at a time from the memory-mapped float32 file, so peak RSS stays near one
+row block, whatever the model size.
+
+Op reference: onnxruntime docs/ContribOperators.md, com.microsoft.MatMulNBits (onnxruntime 1.32):
+B is uint8 (N, ceil(K / block_size), block_size * bits / 8) with codes packed low bits first along K,
+scales (N * k_blocks) in A's dtype, y = A dequant(B)^T with dequant = (code - zero_point) * scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .onnx_export import ALIGN, GRAPH_FILES, WEIGHTS_FILE, graph_entry, write_manifest
+
+BITS = {"int4": 4, "int8": 8}  # make export DTYPE= -> bits
+DEFAULT_BLOCK_SIZE = 32  # issue 13: 1B audio step 3.75x faster than float32 at block 32, accuracy_level 4
+DEFAULT_ACCURACY_LEVEL = 4  # int8 activations inside the kernel (MLAS's fastest CPU path)
+ROWS_PER_BLOCK = 4096  # output rows (N) quantized at a time: bounds RSS for the 128k-row text head
+
+
+def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) float -> (codes uint8 (N, k_blocks, block_size * bits / 8), scales float32 (N, k_blocks)).
+
+    Symmetric: scale = max |w| / (2^(bits-1) - 1) per block, code = round(w / scale) + 2^(bits-1).
+    K is zero-padded to a whole number of blocks (the kernel pads the same way)."""
+    n, k = weight.shape
+    pad = (-k) % block_size
+    w = np.pad(weight.astype(np.float32, copy=False), ((0, 0), (0, pad))).reshape(n, -1, block_size)
+    zero = 1 << (bits - 1)
+    scales = np.abs(w).max(axis=2) / (zero - 1)
+    safe = np.where(scales == 0, 1.0, scales)[:, :, None]
+    codes = (np.clip(np.rint(w / safe), -zero, zero - 1) + zero).astype(np.uint8)
+    if bits == 4:
+        codes = codes[:, :, 0::2] | (codes[:, :, 1::2] << 4)
+    return codes, scales.astype(np.float32)
+
+
+def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Inverse of `quantize_blocks` as the op defines it: (N, K) float32 (for checks and error reports)."""
+    if bits == 4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(codes.shape[0], codes.shape[1], -1)
+    values = (codes.astype(np.float32) - (1 << (bits - 1))) * scales[:, :, None]
+    return values.reshape(codes.shape[0], -1)[:, :k]
+
+
+class _Weights:
+    """The new weights.bin: page-aligned appends, each source tensor written once."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.done: dict[tuple, list[onnx.TensorProto]] = {}
+
+    def _external(self, name: str, dtype: int, dims: list[int], write) -> onnx.TensorProto:
+        offset = self.file.tell()
+        self.file.write(b"\0" * ((-offset) % ALIGN))
+        start = self.file.tell()
+        write(self.file)
+        tensor = onnx.TensorProto(name=name, data_type=dtype, dims=dims, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", WEIGHTS_FILE), ("offset", str(start)), ("length", str(self.file.tell() - start))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def copy(self, key: tuple, tensor: onnx.TensorProto, data: np.ndarray) -> onnx.TensorProto:
+        if key not in self.done:
+            self.done[key] = [self._external(tensor.name, tensor.data_type, list(tensor.dims), lambda f: f.write(data.tobytes()))]
+        return self.done[key][0]
+
+    def quantized(self, key: tuple, name: str, rows, n: int, k: int, bits: int, block_size: int) -> list[onnx.TensorProto]:
+        """rows(n0, n1) -> float32 (n1 - n0, K) slice of the (N, K) weight; writes codes then scales."""
+        if key in self.done:
+            return self.done[key]
+        blocks = -(-k // block_size)
+        scales = np.empty((n, blocks), np.float32)
+
+        def write_codes(f):
+            for n0 in range(0, n, ROWS_PER_BLOCK):
+                codes, scales[n0 : n0 + ROWS_PER_BLOCK] = quantize_blocks(rows(n0, min(n, n0 + ROWS_PER_BLOCK)), bits, block_size)
+                f.write(codes.tobytes())
+
+        codes = self._external(f"{name}.q{bits}", TensorProto.UINT8, [n, blocks, block_size * bits // 8], write_codes)
+        scale = self._external(f"{name}.scales", TensorProto.FLOAT, [n * blocks], lambda f: f.write(scales.tobytes()))
+        self.done[key] = [codes, scale]
+        return self.done[key]
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _location(tensor: onnx.TensorProto) -> tuple[int, int]:
+    info = {e.key: e.value for e in tensor.external_data}
+    return int(info.get("offset", 0)), int(info["length"])
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _weight_layout(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> str | None:
+    """'KN' (MatMul x W), 'NK' (Gemm x W^T, no bias), or None when the node is not a weight product."""
+    if len(node.input) < 2 or node.input[1] not in initializers:
+        return None
+    weight = initializers[node.input[1]]
+    if weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2 or weight.data_location != TensorProto.EXTERNAL:
+        return None
+    if node.op_type == "MatMul":
+        return "KN"
+    attrs = _attrs(node)
+    plain = attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA", 0) and attrs.get("transB", 0) == 1
+    return "NK" if node.op_type == "Gemm" and len(node.input) == 2 and plain else None
+
+
+def quantize_graph(src: Path, dst: Path, source: np.memmap, weights: _Weights, bits: int, block_size: int,
+                   accuracy_level: int) -> tuple[list[str], dict[str, int]]:
+    """Rewrite one backbone graph; returns the weight names it reads and their stored sizes."""
+    model = onnx.load(str(src), load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    kept: dict[str, onnx.TensorProto] = {}
+    nodes = []
+    for node in model.graph.node:
+        layout = _weight_layout(node, initializers)
+        if layout is None:
+            nodes.append(node)
+            continue
+        weight = initializers[node.input[1]]
+        offset, length = _location(weight)
+        stored = np.ndarray(tuple(weight.dims), np.float32, source, offset)
+        k, n = weight.dims if layout == "KN" else weight.dims[::-1]
+        name = weight.name.removesuffix(".T")
+
+        def rows(n0, n1, stored=stored, layout=layout):
+            return stored[:, n0:n1].T if layout == "KN" else stored[n0:n1]
+
+        codes, scales = weights.quantized((offset, layout), name, rows, n, k, bits, block_size)
+        kept[codes.name], kept[scales.name] = codes, scales
+        nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], codes.name, scales.name], list(node.output), name=node.name,
+            domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level,
+        ))
+    used = {name for node in nodes for name in node.input}
+    for tensor in model.graph.initializer:
+        if tensor.name not in used or tensor.name in kept:
+            continue
+        if tensor.data_location == TensorProto.EXTERNAL:
+            offset, length = _location(tensor)
+            tensor = weights.copy((offset, "raw"), tensor, source[offset : offset + length])
+        kept[tensor.name] = tensor
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept.values())
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
+    external = {t.name: _location(t)[1] for t in kept.values() if t.data_location == TensorProto.EXTERNAL}
+    return sorted(external), external
+
+
+def _log(message: str) -> None:
+    print(f"[quantize] {message}", flush=True)
+
+
+def quantize_artifacts(src: Path, out: Path, bits: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                       accuracy_level: int = DEFAULT_ACCURACY_LEVEL, log=_log) -> Path:
+    """float32 artifacts in `src` -> quantized backbone graphs + a copy of everything else in `out`."""
+    manifest = json.loads((src / "manifest.json").read_text())
+    if manifest["dtype"] != "float32":
+        raise ValueError(f"{src} holds {manifest['dtype']} graphs; quantize a float32 export (make export DTYPE=float32)")
+    if bits not in BITS.values() or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"bits must be 4 or 8 and block_size a power of two >= 16, got {bits} and {block_size}")
+    if src.resolve() == out.resolve():
+        raise ValueError("quantize into a different directory than the float32 artifacts")
+    out.mkdir(parents=True, exist_ok=True)
+    source = np.memmap(src / WEIGHTS_FILE, np.uint8, mode="r")
+    weights = _Weights(out / WEIGHTS_FILE)
+    try:
+        for key, file in GRAPH_FILES.items():
+            started = time.time()
+            names, sizes = quantize_graph(src / file, out / file, source, weights, bits, block_size, accuracy_level)
+            manifest["graphs"][key] = graph_entry(out / file, names, sizes)
+            log(f"{file}: {manifest['graphs'][key]['weight_bytes'] / 2**20:.1f} MiB of weights "
+                f"per call, {time.time() - started:.1f}s")
+    finally:
+        weights.close()
+    for key, entry in manifest["graphs"].items():
+        if key not in GRAPH_FILES:  # codec, sampler: self-contained graphs, copied as they are
+            shutil.copyfile(src / entry["file"], out / entry["file"])
+    if manifest.get("tokenizer"):
+        shutil.copyfile(src / manifest["tokenizer"], out / manifest["tokenizer"])
+    manifest["quantization"] = {
+        "op": "com.microsoft.MatMulNBits", "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
+        "symmetric": True, "float32_source": str(src.resolve()),
+        "float32": "embeddings, norms, activations, logits, KV cache",
+    }
+    log(f"{WEIGHTS_FILE}: {(out / WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB "
+        f"(float32: {(src / WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
+    return write_manifest(out, manifest)
+
+
+def agreement(reference: Path, quantized: Path, frames: int = 200, prompt: int = 32, seed: int = 0) -> dict:
+    """How far the quantized graphs are from their float32 source on the same prompt (numbers, no gate).
+
+    Teacher forcing (quantized slot 0): fed the float32 model's own greedy audio columns; every step's
+    audio logits are compared (max abs error, max error relative to the step's largest |logit|, top-1
+    agreement per codebook). Free running (quantized slot 1): feeds back its own greedy columns; a
+    frame agrees when all its codebooks equal the float32 greedy frame at the same step.
+    """
+    from engines.manifest import Manifest
+    from engines.ort_runtime import OrtBackbone
+
+    length = prompt + frames + 1
+    # split prefill: no prefill session, whose prepacked copy of every weight would double the RAM
+    ref, quant = (OrtBackbone(Manifest.load(d), max_batch=b, max_len=length, prefill_graph=False) for d, b in ((reference, 1), (quantized, 2)))
+    spec = ref.spec
+    ids = np.random.default_rng(seed).integers(0, 128000, prompt)
+    codes, mask = np.zeros((prompt, spec.num_codebooks), np.int64), np.zeros(prompt, bool)
+    text = [ref.prefill(0, ids, codes, mask).text, quant.prefill(0, ids, codes, mask).text]
+    quant.prefill(1, ids, codes, mask)
+    forced = free = np.full(spec.num_codebooks, spec.stream_bos_id, np.int64)
+    abs_err = rel_err = 0.0
+    top1 = np.zeros(spec.num_codebooks)
+    equal_frames = 0
+    for step in range(frames):
+        lengths = np.full(2, prompt + step, np.int64)
+        expected = ref.audio_step(np.zeros(1, np.int64), forced[None], lengths[:1])[0]
+        both = quant.audio_step(np.arange(2), np.stack([forced, free]), lengths)
+        error = np.abs(expected - both[0]).max()
+        abs_err, rel_err = max(abs_err, float(error)), max(rel_err, float(error / np.abs(expected).max()))
+        top1 += expected.argmax(-1) == both[0].argmax(-1)
+        forced, free = expected.argmax(-1), both[1].argmax(-1)
+        equal_frames += bool(np.array_equal(forced, free))
+    ref.close()
+    quant.close()
+    return {
+        "text_logits_max_abs": float(np.abs(text[0] - text[1]).max()),
+        "logits_max_abs": abs_err,
+        "logits_max_rel": rel_err,
+        "top1_per_codebook": (top1 / frames).round(4).tolist(),
+        "greedy_frames_equal": equal_frames / frames,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.quantize", description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, required=True, help="float32 artifacts (make export DTYPE=float32)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--bits", type=int, choices=sorted(BITS.values()), default=4)
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=DEFAULT_ACCURACY_LEVEL)
+    parser.add_argument("--compare", type=int, default=0, metavar="FRAMES",
+                        help="then print logits error, top-1 and greedy frame agreement against the float32 graphs over FRAMES steps")
+    args = parser.parse_args(argv)
+    if not (args.artifacts / "manifest.json").is_file():
+        parser.error(f"--artifacts {args.artifacts} has no manifest.json: run make export DTYPE=float32 OUT={args.artifacts} first")
+    try:
+        quantize_artifacts(args.artifacts, args.out, args.bits, args.block_size, args.accuracy_level)
+        if args.compare:
+            print(json.dumps(agreement(args.artifacts, args.out, frames=args.compare), indent=2))
+    except ValueError as error:
+        print(f"[quantize] error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Weight-only quantized backbone graphs (export/quantize.py): the packing against the MatMulNBits
+kernel, and the tiny export quantized end to end against its float32 graphs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export.quantize import agreement, dequantize_blocks, quantize_artifacts, quantize_blocks
+
+
+def _matmul_nbits(codes, scales, k, n, bits, block_size):
+    """A one-node graph of the kernel, accuracy_level 0 (float32 compute) so only the packing is tested."""
+    node = helper.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=bits, block_size=block_size, accuracy_level=0)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(codes, "b"), numpy_helper.from_array(scales.reshape(-1), "s")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_is_what_the_kernel_reads(bits):
+    """K = 80 is not a whole number of 32-blocks: the padded tail must not shift any code."""
+    rng = np.random.default_rng(bits)
+    k, n, block = 80, 24, 32
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    codes, scales = quantize_blocks(weight, bits, block)
+    assert codes.shape == (n, 3, block * bits // 8) and scales.shape == (n, 3)
+    dequantized = dequantize_blocks(codes, scales, bits, k)
+    # round to nearest: every weight within half a step of its block
+    step = np.repeat(scales, block, axis=1)[:, :k]
+    assert np.all(np.abs(dequantized - weight) <= step / 2 * (1 + 1e-5))
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    y = _matmul_nbits(codes, scales, k, n, bits, block).run(None, {"a": a})[0]
+    np.testing.assert_allclose(y, a @ dequantized.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def int4(tiny_artifacts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-int4")
+    quantize_artifacts(tiny_artifacts, out, bits=4, log=lambda _: None)
+    return out
+
+
+def test_quantized_graphs_share_one_weights_file(tiny_artifacts, int4):
+    manifest = json.loads((int4 / "manifest.json").read_text())
+    assert manifest["dtype"] == "float32"  # activations, logits and KV cache
+    assert manifest["quantization"]["bits"] == 4 and manifest["quantization"]["block_size"] == 32
+    stored: dict[str, tuple] = {}
+    for key in ("prefill", "text", "audio"):
+        model = onnx.load(str(int4 / manifest["graphs"][key]["file"]), load_external_data=False)
+        ops = {node.op_type for node in model.graph.node}
+        assert "MatMulNBits" in ops and "MatMul" not in ops and "Gemm" not in ops
+        for tensor in model.graph.initializer:
+            if tensor.data_location == TensorProto.EXTERNAL:
+                place = {e.key: e.value for e in tensor.external_data}
+                assert stored.setdefault(tensor.name, (place["offset"], place["length"])) == (place["offset"], place["length"])
+    float32 = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]["audio"]["reads"]
+    reads = manifest["graphs"]["audio"]["reads"]
+    for group in ("attention", "audio_ffn", "audio_head"):  # 4 bits + a float32 scale per 32 weights
+        assert reads[group] < float32[group] / 6
+    assert reads["audio_embedding"] == float32["audio_embedding"]  # Gather: kept float32
+    assert (int4 / "weights.bin").stat().st_size < (tiny_artifacts / "weights.bin").stat().st_size
+
+
+def test_quantized_logits_follow_float32(tiny_artifacts, int4):
+    """Random weights: a sanity bound (a wrong nibble order or zero point gives errors ~ the logits)."""
+    report = agreement(tiny_artifacts, int4, frames=20)
+    assert report["logits_max_rel"] < 0.4
+    assert min(report["top1_per_codebook"]) >= 0.5
+
+
+def test_refuses_non_float32_source(tiny_artifacts, tmp_path):
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    source = tmp_path / "bf16"
+    source.mkdir()
+    (source / "manifest.json").write_text(json.dumps({**manifest, "dtype": "bfloat16"}))
+    with pytest.raises(ValueError, match="quantize a float32 export"):
+        quantize_artifacts(source, tmp_path / "out", bits=4)
+
+
+def test_make_export_int8_keeps_its_float32_reference(tiny_checkpoint, tmp_path):
+    """`make export DTYPE=int8`: quantized graphs in OUT, the float32 export they came from in OUT/float32."""
+    from export.__main__ import main
+
+    out = tmp_path / "int8"
+    assert main(["--checkpoint", str(tiny_checkpoint / "llm"), "--out", str(out), "--dtype", "int8"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["bits"] == 8
+    assert manifest["quantization"]["float32_source"] == str((out / "float32").resolve())
+    assert json.loads((out / "float32" / "manifest.json").read_text())["dtype"] == "float32"
