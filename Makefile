@@ -27,6 +27,9 @@ RUNTIME    ?= ort-cpu
 # GPU runtimes serve as many slots as `make engine` builds for; ONNX Runtime on the CPU keeps the
 # server's own default of 8 unless MAX_BATCH is given (64 slots of a 3B cache would be 60 GB of RAM)
 SERVE_MAX_BATCH := $(if $(and $(filter ort-cpu,$(RUNTIME)),$(filter file,$(origin MAX_BATCH))),8,$(MAX_BATCH))
+# make serve's flags, which make serve-ray passes too
+SERVE_FLAGS = --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --model $(MODEL) \
+	--runtime $(RUNTIME) --max-batch $(SERVE_MAX_BATCH) --max-len $(MAX_LEN)
 GPU_STAMP  := $(VENV)/.installed-gpu
 REPLICAS   ?= 2
 RAY_STAMP  := $(VENV)/.installed-ray
@@ -95,16 +98,14 @@ generate: $(STAMP)
 	$(PY) -m engines.generate --artifacts $(ARTIFACTS) --text "$(TEXT)" --out $(WAV)
 
 serve: $(if $(filter command line,$(origin ARTIFACTS)),$(STAMP),build/tiny-onnx/manifest.json)
-	$(PY) -m serve --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --model $(MODEL) \
-		--runtime $(RUNTIME) --max-batch $(SERVE_MAX_BATCH) --max-len $(MAX_LEN)
+	$(PY) -m serve $(SERVE_FLAGS)
 
 $(RAY_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[ray]'
 	@touch $@
 
 serve-ray: $(RAY_STAMP) $(if $(filter command line,$(origin ARTIFACTS)),,build/tiny-onnx/manifest.json)
-	$(PY) -m serve.ray_serve --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --model $(MODEL) \
-		--runtime $(RUNTIME) --max-batch $(SERVE_MAX_BATCH) --max-len $(MAX_LEN) --replicas $(REPLICAS)
+	$(PY) -m serve.ray_serve $(SERVE_FLAGS) --replicas $(REPLICAS)
 
 # onnxruntime and onnxruntime-gpu install the same `onnxruntime` module, and re-running the dev
 # install (pyproject.toml changed) puts the CPU one back over it: that drops this stamp, so the next

@@ -27,6 +27,7 @@ from .common import CPU_HEADING, CpuLoad, Section, format_table, machine_descrip
 from .cpu import SECTIONS, Config, Workspace, prebuild_chains
 
 ORDER = ["steps", "export", "loop", "codec", "host", "real"]  # report order (section numbers)
+NUMBERED = {str(number): name for number, name in enumerate(ORDER, 1)}  # --only 1 = --only steps, ...
 RUN_ORDER = ["steps", "loop", "codec", "host", "real", "export"]  # the long export section last
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -66,8 +67,8 @@ def doc_body(sections: list[Section], command: str, total: float, cfg: Config, m
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~2 minute subset (tiny configs only; export of the tiny checkpoint)")
-    parser.add_argument("--only", action="append", choices=ORDER, type=lambda v: ORDER[int(v) - 1] if v in ("1", "2", "3", "4", "5", "6") else v,
-                        metavar="SECTION", help=f"run only this section (repeatable): {', '.join(ORDER)} (or 1-6)")
+    parser.add_argument("--only", action="append", choices=ORDER, type=lambda v: NUMBERED.get(v, v),
+                        metavar="SECTION", help=f"run only this section (repeatable): {', '.join(ORDER)} (or 1-{len(ORDER)})")
     parser.add_argument("--threads", type=int, default=0, help="threads for torch and ONNX Runtime (default: all usable cores)")
     parser.add_argument("--export-dtypes", default=None, help="comma-separated dtypes for the export section (default: bfloat16,float16)")
     parser.add_argument("--write-doc", action="store_true", help="write docs/benchmarks.md even for --quick / --only runs")

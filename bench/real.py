@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import inspect
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ def section_real(ws, cfg, log) -> Section:
     from engines.ort_runtime import OrtBackbone
     from export.quantize import agreement
 
-    from .cpu import AUDIO_FRAME_RATE, LOOP_TEXT, _no_stream_eos, _result, _run_requests, _TimedDecoder  # .cpu imports this module
+    from .cpu import (  # .cpu imports this module
+        AUDIO_FRAME_RATE, LOOP_TEXT, _no_stream_eos, _result, _run_requests, _time_block, _TimedDecoder)
 
     size, codec_size = sizes(cfg)
     section = Section("real", f"6. CPU at real size ({size}, {codec_size} codec)")
@@ -115,7 +117,7 @@ def section_real(ws, cfg, log) -> Section:
     for name, fn in cases.items():
         rows.append([name, f"{float(np.abs(fn() - one_shot).max()):.1e}"])
     log(f"real: {codec_size} codec decode, {seconds:.0f} s of audio, {cfg.codec_rounds} rounds")
-    times = interleaved({n: (lambda fn=fn: _timed(fn)) for n, fn in cases.items()}, cfg.codec_rounds)
+    times = interleaved({n: partial(_time_block, fn, 1, warm=False) for n, fn in cases.items()}, cfg.codec_rounds)
     per_second = {n: median(v) / seconds for n, v in times.items()}
     for row in rows:
         row.insert(1, fmt_ms(per_second[row[0]], 0))
@@ -131,7 +133,7 @@ def section_real(ws, cfg, log) -> Section:
     manifests = {s: Manifest.load(d) for s, d in dirs.items()}
     spec = manifests["float32"].model
     for batch in cfg.loop_batches:
-        steps = {s: _audio_step(manifests[s], batch, threads) for s in SCHEMES}
+        steps = {s: partial(_time_block, _audio_step(manifests[s], batch, threads), 5, warm=False) for s in SCHEMES}
         for warm in steps.values():
             warm()
         log(f"real: audio step b{batch}, {', '.join(SCHEMES)}")
@@ -193,7 +195,7 @@ def section_real(ws, cfg, log) -> Section:
 
 
 def _audio_step(manifest, batch: int, threads: int, length: int = 200, max_len: int = 256):
-    """A timer of one audio step of `batch` rows through backbone_audio.onnx in its own session."""
+    """One audio step of `batch` rows through backbone_audio.onnx in its own session."""
     import onnxruntime as ort
 
     from engines.ort_runtime import session_options
@@ -205,10 +207,4 @@ def _audio_step(manifest, batch: int, threads: int, length: int = 200, max_len: 
             "last_index": np.zeros(batch, np.int64)}
     feed.update({f"past_{kind}_{i}": cache for i in range(spec.num_layers) for kind in ("key", "value")})
     outputs = ["audio_logits"]
-    return lambda: _timed(lambda: [session.run(outputs, feed) for _ in range(5)]) / 5
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+    return lambda: session.run(outputs, feed)

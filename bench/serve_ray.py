@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import format_table, machine_description, median, spread
+from bench.common import format_table, interleaved, machine_description, median, spread
 
 REQUEST = {"model": "higgs-audio-v2", "messages": [{"role": "user", "content": "The quick brown fox jumps."}],
            "modalities": ["audio"], "seed": 2, "temperature": 2.0}
@@ -83,10 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         names = {1: "one", 2: "two"}
         for replicas in (1, 2):
             _load(f"{url}/{names[replicas]}", args.clients, args.clients, args.steps)  # warm the path
-        rates = {1: [], 2: []}
-        for replicas in [r for i in range(args.rounds) for r in ((1, 2) if i % 2 == 0 else (2, 1))]:
-            seconds = _load(f"{url}/{names[replicas]}", args.clients, args.requests, args.steps)
-            rates[replicas].append(args.requests / seconds)
+        rates = interleaved({r: lambda r=r: args.requests / _load(f"{url}/{names[r]}", args.clients, args.requests, args.steps)
+                             for r in (1, 2)}, args.rounds)
     finally:
         ray_serve.shutdown()
         ray.shutdown()

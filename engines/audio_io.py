@@ -77,8 +77,8 @@ _MONO = {"format": "flt", "layout": "mono", "options": {"rematrix_maxval": "1.0"
 DECODE_TIME_LIMIT_S = 10.0  # far beyond what max_seconds of any listed format takes to decode
 
 
-def decode_audio(data: bytes, fmt_hint: str | None = None, max_seconds: float | None = None,
-                 time_limit: float = DECODE_TIME_LIMIT_S) -> tuple[np.ndarray, int]:
+def decode_audio(data: bytes, fmt_hint: str | None = None, max_seconds: float | None = None
+                 ) -> tuple[np.ndarray, int]:
     """Decode a client clip to (float32 mono, sample rate).
 
     The hint picks the demuxer first (raw `pcm` has no header to probe); a wrong hint falls back
@@ -96,7 +96,7 @@ def decode_audio(data: bytes, fmt_hint: str | None = None, max_seconds: float | 
         wave = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
         _check_duration(len(wave), PCM_INPUT_RATE, max_seconds)
         return wave, PCM_INPUT_RATE
-    deadline = time.monotonic() + time_limit
+    deadline = time.monotonic() + DECODE_TIME_LIMIT_S
     demuxer = _DEMUXERS.get(hint)
     for attempt in ((demuxer, None) if demuxer else (None,)):
         try:

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from .graph_edit import attention_nodes, edited_graph
+from .graph_edit import NONPAD_INPUT, attention_nodes, edited_graph
 from .manifest import Manifest, ManifestError
 from .trt_runtime import (
     CACHE_ITEMSIZE,
@@ -66,9 +66,6 @@ def fix_cache_dims(model, max_len: int) -> list[str]:
             if dim.dim_param in symbols:
                 dim.dim_value = max_len
     return [v.name for v in caches]
-
-
-NONPAD_INPUT = 6  # ONNX Attention-24 inputs: Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen
 
 
 def drop_nonpad_kv_seqlen(model) -> int:

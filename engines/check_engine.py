@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .gpu_env import GpuUnavailable
 from .manifest import Manifest, ManifestError
-from .ort_runtime import provider_name
+from .ort_runtime import CUDA_EP, provider_name, providers_for
 from .trt_runtime import EngineMismatch, MissingDependency, TrtBackbone, import_cudart, import_tensorrt, load_engines_meta
 
 # (rtol, atol) on logits and caches: fp32 engines may use TF32 matmuls (TensorRT's default on Ampere+);
@@ -178,9 +179,6 @@ def trt_runner_class(BaseRunner, TensorMetadata):
 def ort_providers(device: str) -> list:
     """The reference's providers, as the serving runtime builds them (driver check, CUDA libraries preloaded)."""
     import onnxruntime as ort
-
-    from .gpu_env import GpuUnavailable
-    from .ort_runtime import CUDA_EP, providers_for
 
     has_cuda = CUDA_EP in ort.get_available_providers()
     if device == "cuda" and not has_cuda:

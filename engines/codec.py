@@ -133,19 +133,16 @@ def decoder_context_frames(ratios: tuple[int, ...], hop_length: int) -> int:
 
 def _session(onnx_path: str | Path, providers: list | None):
     """ORT session; by default CUDA when this onnxruntime has it, else CPU (the codec graphs are fp32).
-    Providers and options come from ort_runtime either way, so a CUDA codec session gets the same
-    explicit provider list and the same placement check as the backbone."""
+    Providers, options and session come from ort_runtime either way, so a CUDA codec session gets the
+    same explicit provider list and the same placement check as the backbone."""
     import onnxruntime as ort
 
-    from .ort_runtime import CUDA_EP, check_placement, provider_name, providers_for, session_options
+    from .ort_runtime import CUDA_EP, open_session, provider_name, providers_for, session_options
 
     if providers is None:
         providers = providers_for("cuda" if CUDA_EP in ort.get_available_providers() else "cpu")
     device = "cuda" if provider_name(providers[0]) == CUDA_EP else "cpu"
-    session = ort.InferenceSession(str(onnx_path), session_options(device), providers=providers)
-    if device == "cuda":
-        check_placement(session, Path(onnx_path).name)
-    return session
+    return open_session(onnx_path, session_options(device), providers)
 
 
 def _metadata(session, onnx_path) -> dict:

@@ -69,7 +69,8 @@ class _Sequence:
     streamer: StreamingDecoder | None  # None: no codec (LLM-only artifacts), segments only
     text_logits: np.ndarray | None = None
     text_ids: list[int] = dataclasses.field(default_factory=list)
-    segments: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # [start, stop) in the column log
+    # [start, stop) in the column log, stop None while the segment is open
+    segments: list[list[int | None]] = dataclasses.field(default_factory=list)
     audio_samples: int = 0
     audio_ended: bool = False  # the latest audio segment ended by itself (stream EOS)
     outbox: list = dataclasses.field(default_factory=list)  # this step's events and codec windows, in order
@@ -176,7 +177,8 @@ class Engine:
             )
         encoder = CodecEncoder(manifest.graph_path("codec_encoder"), providers) if manifest.has("codec_encoder") else None
         renderer = PromptRenderer(manifest.tokenizer, manifest.model.num_codebooks) if manifest.tokenizer else None
-        kwargs.setdefault("sampler", _sampler_for(manifest, runtime))
+        if "sampler" not in kwargs:  # (setdefault would load a sampler session even when one is passed)
+            kwargs["sampler"] = _sampler_for(manifest, runtime)
         return cls(backbone, codec, renderer=renderer, encoder=encoder, **kwargs)
 
     # -- SpeechEngine protocol ----------------------------------------------------------------------

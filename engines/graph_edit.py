@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 SINGLE_TOKEN = "higgs_single_token"  # the If condition: the call feeds one position
+MASK_INPUT, NONPAD_INPUT = 3, 6  # ONNX Attention-24 inputs: Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen
 
 
 @contextlib.contextmanager
@@ -68,10 +69,10 @@ def unmasked_single_token_attention(model) -> int:
     for index, node in enumerate(nodes):
         output, name = node.output[0], node.name or f"attention_{index}"
         branches = {}
-        for branch, mask in (("single", ""), ("masked", node.input[3])):
+        for branch, mask in (("single", ""), ("masked", node.input[MASK_INPUT])):
             inner = onnx.NodeProto()
             inner.CopyFrom(node)
-            inner.input[3] = mask
+            inner.input[MASK_INPUT] = mask
             inner.output[0] = f"{output}/{branch}"
             inner.name = f"{name}/{branch}"
             branches[branch] = helper.make_graph([inner], f"{name}_{branch}", [],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -114,6 +115,15 @@ def check_placement(session: ort.InferenceSession, name: str, ep: str = CUDA_EP)
     return by_ep
 
 
+def open_session(path: str | Path, options: ort.SessionOptions, providers: list, name: str | None = None) -> ort.InferenceSession:
+    """A session of the graph at `path`; when `providers` lead with the CUDA EP it must also pass
+    `check_placement` (logged and refused as `name`, by default the file's name)."""
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if provider_name(providers[0]) == CUDA_EP:
+        check_placement(session, name or Path(path).name)
+    return session
+
+
 class _DeviceBuffer:
     """A contiguous buffer on the EP's device with a base address for pointer binding."""
 
@@ -161,14 +171,12 @@ class OrtBackbone(BackboneRuntime):
         unmasked = device == "cuda" if unmasked_steps is None else unmasked_steps
         self.sessions = {}
         for g in graphs:
+            path = manifest.graph_path(g)
             if unmasked and g in STEP_GRAPHS:  # onnxruntime has read the copy once the session exists
-                with edited_graph(manifest.graph_path(g), unmasked_single_token_attention, "unmasked_steps") as copy:
-                    self.sessions[g] = ort.InferenceSession(str(copy), options, providers=providers)
+                with edited_graph(path, unmasked_single_token_attention, "unmasked_steps") as copy:
+                    self.sessions[g] = open_session(copy, options, providers, path.name)
             else:
-                self.sessions[g] = ort.InferenceSession(str(manifest.graph_path(g)), options, providers=providers)
-        if device == "cuda":
-            for g, session in self.sessions.items():
-                check_placement(session, manifest.graph_path(g).name)
+                self.sessions[g] = open_session(path, options, providers)
         self.has_prefill_graph = prefill_graph
         spec = self.spec
         cache_dtype = _NP_DTYPES[manifest.dtype]

@@ -125,6 +125,8 @@ class BackboneRuntime(abc.ABC):
 
     def _step(self, graph: str, slots: np.ndarray, feed_name: str, feed: np.ndarray, filler, cache_lengths) -> np.ndarray:
         rows = np.asarray(slots, np.int64)
+        if rows.min() < 0:  # a negative index would wrap around the step arrays below
+            raise ValueError(f"slot {int(rows.min())} outside the {self.max_batch} cache slots")
         width = self.step_rows(int(rows.max()) + 1)
         self._check_room(np.asarray(cache_lengths), 1)
         full_feed = np.empty((width, 1) + feed.shape[1:], np.int64)

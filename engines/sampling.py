@@ -141,7 +141,8 @@ class HostSampler:
 
 class GraphSampler:
     """Audio sampling with the exported `audio_sampler` graph (export/onnx_sampler.py) on an ONNX
-    Runtime device, next to the logits: 2 uniforms go in and 2 codes come back per row.
+    Runtime device: 2 uniforms go in and 2 codes come back per row. (The runtimes return the logits
+    to the host, so the session copies them back to the device; docs/design.md.)
 
     Measured on ONNX Runtime 1.32's CPU provider at batch 64 (8 x 1026 rows each), the graph takes
     about 2.4x the time of `HostSampler` (its full-row TopK alone is ~17 ms there), so the CPU
@@ -155,26 +156,28 @@ class GraphSampler:
 
     @classmethod
     def load(cls, onnx_path, device: str = "cpu") -> "GraphSampler":
-        import onnxruntime as ort
+        from .ort_runtime import open_session, providers_for, session_options
 
-        from .ort_runtime import check_placement, providers_for, session_options
+        # on CUDA, open_session refuses onnxruntime's silent fallback to a CPU-only session
+        return cls(open_session(onnx_path, session_options(device), providers_for(device), "audio_sampler"))
 
-        session = ort.InferenceSession(str(onnx_path), session_options(device), providers=providers_for(device))
-        if device == "cuda":  # refuses onnxruntime's silent fallback to a CPU-only session
-            check_placement(session, "audio_sampler")
-        return cls(session)
-
-    def __call__(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniforms: np.ndarray):
-        """Same contract as `HostSampler.__call__`."""
+    @staticmethod
+    def inputs(logits, temperature, top_k, top_p, uniforms) -> dict[str, np.ndarray]:
+        """The sampler graph's inputs for `HostSampler.__call__`'s arguments."""
+        top_p = np.asarray(top_p, np.float64)
         # torch compares the float32 cumulative sum with float32(1 - top_p); -1 never removes (top-p off)
-        tail = np.where(top_p < 1, (1.0 - np.asarray(top_p, np.float64)).astype(np.float32), np.float32(-1))
-        codes, ras = self.session.run(None, {
+        tail = np.where(top_p < 1, (1.0 - top_p).astype(np.float32), np.float32(-1))
+        return {
             "audio_logits": np.ascontiguousarray(logits, np.float32),
             "temperature": np.asarray(temperature, np.float32),
             "top_k": np.asarray(top_k, np.int64),
             "tail_mass": tail.astype(np.float32),
             "uniforms": np.asarray(uniforms, np.float32),
-        })
+        }
+
+    def __call__(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniforms: np.ndarray):
+        """Same contract as `HostSampler.__call__`."""
+        codes, ras = self.session.run(None, self.inputs(logits, temperature, top_k, top_p, uniforms))
         return codes, lambda mask: ras[mask]
 
 

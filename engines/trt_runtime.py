@@ -17,8 +17,9 @@ Single-token calls (decode steps, length-1 runs of a split prefill) get an execu
 0 with 1, 2, 4, ... max_batch rows, see runtime.py, so there are a handful per graph); after its first (warm-up)
 execution the H2D copies, the engine and the D2H copies are captured into a CUDA graph, and later
 calls with that key replay it. Multi-token calls (prompts) go through one context per engine on the
-prefill optimization profile, without graphs. Sampling stays on the host (see docs/gpu.md): the loop's
-sampling (RAS, delay ramp rules, seeded RNG) runs on the logits as it does with ONNX Runtime.
+prefill optimization profile, without graphs. Audio sampling runs in the `audio_sampler` graph on
+ONNX Runtime's CUDA EP (engines/sampling.py `GraphSampler`, see docs/gpu.md); the logits reach it
+through the host.
 """
 
 from __future__ import annotations

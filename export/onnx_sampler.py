@@ -30,9 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_export import describe_values
+from .onnx_export import OPSET, describe_values
 
-OPSET = 24
 FILE = "audio_sampler.onnx"
 OUTPUTS = ("codes", "ras_codes")
 

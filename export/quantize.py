@@ -83,8 +83,10 @@ class _Weights:
         return tensor
 
     def copy(self, key: tuple, tensor: onnx.TensorProto, data: np.ndarray) -> onnx.TensorProto:
+        """`data`: the tensor's bytes, a slice of the memory-mapped source, written as they are (no copy in RAM:
+        the 1B text embedding alone is 1 GB)."""
         if key not in self.done:
-            self.done[key] = [self._external(tensor.name, tensor.data_type, list(tensor.dims), lambda f: f.write(data.tobytes()))]
+            self.done[key] = [self._external(tensor.name, tensor.data_type, list(tensor.dims), lambda f: f.write(data))]
         return self.done[key][0]
 
     def quantized(self, key: tuple, name: str, rows, n: int, k: int, bits: int, block_size: int) -> list[onnx.TensorProto]:

@@ -42,15 +42,15 @@ def boundary_of(content_type: str) -> bytes | None:
     return boundary
 
 
-def parse_form(body: bytes, boundary: bytes, max_parts: int = MAX_PARTS) -> dict[str, FormPart]:
+def parse_form(body: bytes, boundary: bytes) -> dict[str, FormPart]:
     """Field name -> part. Blocking: call it in a worker thread."""
     fields: dict[str, FormPart] = {}
     state = {"parts": 0, "header_bytes": 0, "field": b"", "value": b"", "headers": {}, "data": [], "ended": False}
 
     def on_part_begin():
         state["parts"] += 1
-        if state["parts"] > max_parts:
-            raise FormError(f"the form has more than {max_parts} parts; send name, transcript and audio")
+        if state["parts"] > MAX_PARTS:
+            raise FormError(f"the form has more than {MAX_PARTS} parts; send name, transcript and audio")
         state["header_bytes"], state["headers"], state["data"] = 0, {}, []
 
     def header_bytes(data: bytes, start: int, end: int) -> bytes:

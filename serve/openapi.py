@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 
 from engines.audio_io import MEDIA_TYPES
 from serve.protocol import ChatCompletionResponse, ErrorResponse
+from serve.voices import VOICE_NAME
 
 _WHY = {
     400: "invalid request (the message names the field and the fix)",
@@ -56,7 +57,7 @@ SPEECH_RESPONSES = {**errors(*GENERATION), 200: {
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["name", "transcript", "audio"],
     "properties": {
-        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+        "name": {"type": "string", "pattern": f"^{VOICE_NAME.pattern}$"},  # ECMA-262 "$": the end only
         "transcript": {"type": "string", "description": "what the clip says"},
         "audio": {"type": "string", "format": "binary", "description": "the clip (wav, flac, mp3, ogg, m4a, ...)"},
     }}}}}}

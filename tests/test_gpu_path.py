@@ -26,6 +26,7 @@ from engines.ort_runtime import (
     STEP_GRAPHS,
     OrtBackbone,
     check_placement,
+    open_session,
     placement,
     providers_for,
     session_options,
@@ -89,6 +90,17 @@ def test_a_session_that_fell_back_to_the_cpu_is_refused(tiny_artifacts):
     session = ort.InferenceSession(_graph(tiny_artifacts, "audio"), session_options("cuda"), providers=["CPUExecutionProvider"])
     with pytest.raises(RuntimeError, match=r"could not start CUDAExecutionProvider.*onnxruntime-gpu\[cuda,cudnn\]"):
         check_placement(session, "backbone_audio.onnx")
+
+
+@pytest.mark.skipif(HAS_CUDA_EP, reason="onnxruntime-gpu is installed: the session would really start on the GPU")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_sessions_opened_with_the_cuda_ep_first_are_placement_checked(tiny_artifacts):
+    """open_session (every backbone and codec session) checks placement whenever the CUDA EP leads the
+    providers: this onnxruntime has none and falls back to the CPU, refused under the file's name."""
+    path = _graph(tiny_artifacts, "audio")
+    with pytest.raises(RuntimeError, match=r"^backbone_audio\.onnx: onnxruntime could not start CUDAExecutionProvider"):
+        open_session(path, session_options("cuda"), [(CUDA_EP, {"device_id": 0}), "CPUExecutionProvider"])
+    assert open_session(path, session_options("cpu"), ["CPUExecutionProvider"]).get_providers() == ["CPUExecutionProvider"]
 
 
 def _nodes(graph):
@@ -353,3 +365,10 @@ def test_gpu_check_steps_time_out_alone_and_the_report_says_what_ran(tmp_path):
     assert "**1/3 steps passed**" in report and "| hangs | sleeps | timed out after 1s |" in report
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["verdict"] == "1/3 steps passed" and [s["name"] for s in data["steps"]] == ["fails", "hangs", "works"]
+
+
+def test_a_negative_slot_is_refused_not_wrapped(tiny_artifacts):
+    """The slot-0 buckets index the step arrays by slot: -1 must be an error, never the last row."""
+    runtime = _prefilled(Manifest.load(tiny_artifacts), _Recording, {2: np.array([1, 2, 3])})
+    with pytest.raises(ValueError, match="slot -1 outside"):
+        runtime.text_step(np.array([-1]), np.array([5]), np.array([3]))

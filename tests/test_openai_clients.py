@@ -17,7 +17,7 @@ import pytest
 import soundfile
 
 from engines.api import AudioCodes, Message
-from engines.prompt import SCENE_END, SCENE_START
+from engines.prompt import SCENE_END, SCENE_START, content_text
 from serve.longform import CROSSFADE_SECONDS
 from serve.settings import Limits, ServeSettings
 from serve_support import (MODEL, LiveServer, delta_audio, make_engine, settings_for, tone_wav, wait_for,
@@ -74,7 +74,7 @@ def client(live):
 def _system_text(request) -> str:
     system = [m for m in request.messages if m.role == "system"]
     assert len(system) == 1
-    return "".join(p if isinstance(p, str) else p.name for p in system[0].content)
+    return content_text(system[0].content)
 
 
 def test_every_openai_voice_works_in_chat_and_speech(live, client):

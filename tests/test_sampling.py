@@ -229,11 +229,7 @@ def graph():
 
 def _graph_run(graph, logits, temperature, top_k, top_p, uniforms):
     """(codes, ras_codes, kept mask in index order) of the graph for (S, 8, 1026) logits."""
-    tail = np.where(np.asarray(top_p) < 1, (1.0 - np.asarray(top_p, np.float64)).astype(np.float32), -1).astype(np.float32)
-    codes, ras, order, keep = graph.run(None, {
-        "audio_logits": logits.astype(np.float32), "temperature": np.asarray(temperature, np.float32),
-        "top_k": np.asarray(top_k, np.int64), "tail_mass": tail, "uniforms": np.asarray(uniforms, np.float32),
-    })
+    codes, ras, order, keep = graph.run(None, GraphSampler.inputs(logits, temperature, top_k, top_p, uniforms))
     kept = np.zeros(keep.shape, bool)
     np.put_along_axis(kept, order, keep, axis=-1)
     return codes, ras, kept
