@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from engines.manifest import CODEC_DECODER, CODEC_ENCODER, graph_file
+
 RESULT_PREFIX = "BENCH_RESULT "
 
 
@@ -82,9 +84,9 @@ def export_codec(codec_dir: str, out: str) -> dict:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     graphs = {}
-    graphs["codec_decoder"] = export_codec_decoder(codec, out_dir / "codec_decoder.onnx")
+    graphs[CODEC_DECODER] = export_codec_decoder(codec, out_dir / graph_file(CODEC_DECODER))
     try:
-        graphs["codec_encoder"] = export_codec_encoder(codec, out_dir / "codec_encoder.onnx")
+        graphs[CODEC_ENCODER] = export_codec_encoder(codec, out_dir / graph_file(CODEC_ENCODER))
     except Exception as error:  # the decoder is still useful without it; the bench reports the reason
         graphs["codec_encoder_error"] = f"{type(error).__name__}: {error}"
     (out_dir / "graphs.json").write_text(json.dumps(graphs, indent=2))

@@ -659,11 +659,12 @@ def _cpu_session(path, threads: int | None, spinning: bool):
 def _ort_runtime(manifest, batch: int, max_len: int, threads: int, spinning: bool):
     """OrtBackbone as the engine builds it; for the spinning variant its sessions are rebuilt with
     allow_spinning=1 (before any call, so no IO binding refers to the old ones)."""
-    from engines.ort_runtime import GRAPHS, OrtBackbone
+    from engines.manifest import BACKBONE_GRAPHS
+    from engines.ort_runtime import OrtBackbone
 
     runtime = OrtBackbone(manifest, max_batch=batch, max_len=max_len, threads=threads)
     if spinning:
-        runtime.sessions = {g: _cpu_session(manifest.graph_path(g), threads, True) for g in GRAPHS}
+        runtime.sessions = {g: _cpu_session(manifest.graph_path(g), threads, True) for g in BACKBONE_GRAPHS}
     return runtime
 
 

@@ -46,7 +46,7 @@ from .api import (
 from .audio_io import AudioError, decode_audio, encode_audio, resample
 from .codec import CodecDecoder, CodecEncoder, DecodeWindow, StreamingDecoder, decode_windows
 from .delay import ColumnLog, DelayRamps
-from .manifest import Manifest, ModelSpec
+from .manifest import CODEC_DECODER, CODEC_ENCODER, SAMPLER, Manifest, ModelSpec
 from .prompt import PromptRenderer, StopMatcher, expand_prompt, tts_messages
 from .runtime import BackboneRuntime
 from .sampling import RAS_PAD, GraphSampler, HostSampler, check_params, ras_redo, sample
@@ -167,15 +167,15 @@ class Engine:
             providers = None
         else:
             raise ValueError(f"unknown runtime {runtime!r}: ort-cpu, ort-cuda or tensorrt")
-        if not manifest.has("codec_decoder"):
+        if not manifest.has(CODEC_DECODER):
             raise ValueError(f"{artifacts_dir} has no codec_decoder graph: re-run make export with CODEC=DIR")
-        codec = CodecDecoder(manifest.graph_path("codec_decoder"), providers)
+        codec = CodecDecoder(manifest.graph_path(CODEC_DECODER), providers)
         if codec.num_quantizers != manifest.model.num_codebooks:
             raise ValueError(
                 f"{artifacts_dir}: codec decoder has {codec.num_quantizers} codebooks, the LLM {manifest.model.num_codebooks}; "
                 "re-export with the codec this model was trained with"
             )
-        encoder = CodecEncoder(manifest.graph_path("codec_encoder"), providers) if manifest.has("codec_encoder") else None
+        encoder = CodecEncoder(manifest.graph_path(CODEC_ENCODER), providers) if manifest.has(CODEC_ENCODER) else None
         renderer = PromptRenderer(manifest.tokenizer, manifest.model.num_codebooks) if manifest.tokenizer else None
         if "sampler" not in kwargs:  # (setdefault would load a sampler session even when one is passed)
             kwargs["sampler"] = _sampler_for(manifest, runtime)
@@ -586,9 +586,9 @@ def _sampler_for(manifest: Manifest, runtime: str):
     """Host sampling on the CPU (faster there, see GraphSampler); on a GPU the sampler graph runs on the device."""
     if runtime == "ort-cpu":
         return HostSampler()
-    if not manifest.has("audio_sampler"):
+    if not manifest.has(SAMPLER):
         raise ValueError(f"{manifest.root} has no audio_sampler graph: re-run make export")
-    return GraphSampler.load(manifest.graph_path("audio_sampler"), device="cuda")
+    return GraphSampler.load(manifest.graph_path(SAMPLER), device="cuda")
 
 
 # --- command line ------------------------------------------------------------------------------------

@@ -6,7 +6,24 @@ import dataclasses
 import json
 from pathlib import Path
 
-SUPPORTED_FORMAT = 1
+# The artifacts contract, owned here: export/ writes these names and this format, engines/ read them.
+FORMAT = 1  # manifest.json "format"; a manifest of any other format is refused (re-export)
+WEIGHTS_FILE = "weights.bin"  # backbone weights, stored once, read by every backbone graph as external data
+BACKBONE_GRAPHS = {  # graph key -> file; prefill reads every weight, text / audio only their positions' own
+    "prefill": "backbone_prefill.onnx",
+    "text": "backbone_text.onnx",
+    "audio": "backbone_audio.onnx",
+}
+STEP_GRAPHS = ("text", "audio")  # the backbone graphs decode steps run through
+SAMPLER = "audio_sampler"  # audio logits -> drawn codes (no weights)
+CODEC_DECODER = "codec_decoder"
+CODEC_ENCODER = "codec_encoder"  # voice cloning only
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def graph_file(key: str) -> str:
+    """The file name of graph `key` in an artifacts directory."""
+    return BACKBONE_GRAPHS.get(key, f"{key}.onnx")
 
 
 class ManifestError(ValueError):
@@ -63,8 +80,8 @@ class Manifest:
             raise ManifestError(f"{path} not found: run `make export CHECKPOINT=... CODEC=... OUT={root}` first")
         with open(path) as f:
             data = json.load(f)
-        if data.get("format") != SUPPORTED_FORMAT:
-            raise ManifestError(f"{path}: manifest format {data.get('format')!r}, this version reads {SUPPORTED_FORMAT}; re-export")
+        if data.get("format") != FORMAT:
+            raise ManifestError(f"{path}: manifest format {data.get('format')!r}, this version reads {FORMAT}; re-export")
         manifest = cls(
             root=root,
             dtype=data["dtype"],

@@ -21,11 +21,9 @@ import onnxruntime as ort
 
 from .gpu_env import onnxruntime_cuda, require_driver
 from .graph_edit import edited_graph, unmasked_single_token_attention
-from .manifest import Manifest
+from .manifest import BACKBONE_GRAPHS, STEP_GRAPHS, Manifest
 from .runtime import BackboneRuntime
 
-GRAPHS = ("prefill", "text", "audio")
-STEP_GRAPHS = ("text", "audio")  # the graphs decode steps run through
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 CUDA_EP = "CUDAExecutionProvider"
 # Nodes that must never run on the CPU of a CUDA session: each would move activations (and, for
@@ -167,7 +165,7 @@ class OrtBackbone(BackboneRuntime):
         self.device = device
         options = session_options(device, threads)
         providers = providers_for(device)
-        graphs = GRAPHS if prefill_graph else tuple(g for g in GRAPHS if g != "prefill")
+        graphs = [g for g in BACKBONE_GRAPHS if prefill_graph or g != "prefill"]
         unmasked = device == "cuda" if unmasked_steps is None else unmasked_steps
         self.sessions = {}
         for g in graphs:

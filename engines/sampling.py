@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from engines.api import SamplingParams
+from engines.manifest import SAMPLER
 
 RAS_PAD = -1  # filler of RAS windows shorter than the window length; never equal to a code
 
@@ -159,7 +160,7 @@ class GraphSampler:
         from .ort_runtime import open_session, providers_for, session_options
 
         # on CUDA, open_session refuses onnxruntime's silent fallback to a CPU-only session
-        return cls(open_session(onnx_path, session_options(device), providers_for(device), "audio_sampler"))
+        return cls(open_session(onnx_path, session_options(device), providers_for(device), SAMPLER))
 
     @staticmethod
     def inputs(logits, temperature, top_k, top_p, uniforms) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .gpu_env import GpuUnavailable, require_driver, tensorrt_cuda_major
-from .manifest import Manifest
+from .manifest import BACKBONE_GRAPHS, WEIGHTS_FILE, Manifest
 from .runtime import BackboneRuntime
 
 ENGINES_JSON = "engines.json"
@@ -152,7 +152,7 @@ def artifacts_fingerprint(manifest: Manifest) -> dict:
     """What ties engines to the export they were built from: the manifest's hash, and size + mtime of
     the shared weights and of every backbone graph (a re-export rewrites them)."""
     root = manifest.root
-    files = ["weights.bin"] + [manifest.graphs[g]["file"] for g in ("prefill", "text", "audio") if g in manifest.graphs]
+    files = [WEIGHTS_FILE] + [manifest.graphs[g]["file"] for g in BACKBONE_GRAPHS if g in manifest.graphs]
     stats = {name: [(root / name).stat().st_size, int((root / name).stat().st_mtime)] for name in files}
     return {"manifest_sha256": hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest(), "files": stats}
 

@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 
 
+from engines.manifest import CODEC_DECODER, CODEC_ENCODER, FORMAT, SAMPLER, TOKENIZER_FILE, graph_file
+
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .llm import load_backbone
 from .onnx_export import DTYPES, copy_if_present, export_backbone, write_manifest
-from .onnx_sampler import FILE as SAMPLER_FILE
 from .onnx_sampler import export_audio_sampler
 from .quantize import BITS, quantize_artifacts
 
-MANIFEST_FORMAT = 1
 
 
 def _log(message: str) -> None:
@@ -51,8 +51,8 @@ def run(checkpoint: Path, codec: Path | None, out: Path, dtype_name: str) -> Pat
         f"{config.num_codebooks} codebooks, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
     )
     graphs = export_backbone(model, out, log=_log)
-    _log(f"exporting {SAMPLER_FILE} (audio sampling next to the logits)")
-    graphs["audio_sampler"] = export_audio_sampler(config.num_codebooks, config.codebook_stride, out / SAMPLER_FILE)
+    _log(f"exporting {graph_file(SAMPLER)} (audio sampling next to the logits)")
+    graphs[SAMPLER] = export_audio_sampler(config.num_codebooks, config.codebook_stride, out / graph_file(SAMPLER))
     del model
     codec_info = None
     if codec is not None:
@@ -66,20 +66,19 @@ def run(checkpoint: Path, codec: Path | None, out: Path, dtype_name: str) -> Pat
                 f"the codec in {codec} has {codec_model.config.num_quantizers} codebooks but the LLM expects "
                 f"{config.num_codebooks}: pass the codec this model was trained with (CODEC=DIR)"
             )
-        _log("exporting codec_decoder.onnx")
-        graphs["codec_decoder"] = export_codec_decoder(codec_model, out / "codec_decoder.onnx")
-        _log("exporting codec_encoder.onnx")
-        graphs["codec_encoder"] = export_codec_encoder(codec_model, out / "codec_encoder.onnx")
-        codec_info = {key: graphs["codec_decoder"][key] for key in ("sample_rate", "hop_length", "num_quantizers", "codebook_size")}
-    has_tokenizer = copy_if_present(checkpoint / "tokenizer.json", out / "tokenizer.json")
+        for key, export_graph in ((CODEC_DECODER, export_codec_decoder), (CODEC_ENCODER, export_codec_encoder)):
+            _log(f"exporting {graph_file(key)}")
+            graphs[key] = export_graph(codec_model, out / graph_file(key))
+        codec_info = {key: graphs[CODEC_DECODER][key] for key in ("sample_rate", "hop_length", "num_quantizers", "codebook_size")}
+    has_tokenizer = copy_if_present(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
     if not has_tokenizer:
         _log(f"note: {checkpoint} has no tokenizer.json; the artifacts run on token ids only (no text prompts)")
     manifest = {
-        "format": MANIFEST_FORMAT,
+        "format": FORMAT,
         "dtype": dtype_name,
         "model": config.to_json(),
         "codec": codec_info,
-        "tokenizer": "tokenizer.json" if has_tokenizer else None,
+        "tokenizer": TOKENIZER_FILE if has_tokenizer else None,
         "kv_cache": {
             "layout": "per layer: past_key_{i} / past_value_{i} (batch, num_kv_heads, max_len, head_dim); "
             "bind present_* to the same buffer (TensorScatter writes in place at cache_lengths)",

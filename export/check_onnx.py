@@ -21,7 +21,7 @@ from polygraphy.comparator import RunResults
 from polygraphy.comparator.struct import IterationResult
 from polygraphy.json import save_json
 
-from engines.manifest import Manifest, ManifestError
+from engines.manifest import CODEC_DECODER, Manifest, ManifestError
 
 from .llm import Mode, load_backbone
 from .onnx_export import DTYPES
@@ -113,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             feeds = _backbone_feeds(model.config, mode, torch.empty(0, dtype=dtype).numpy().dtype, rng)
             outputs = [_backbone_outputs(model, mode, feed) for feed in feeds]
             ok &= _polygraphy(manifest.graph_path(key), feeds, outputs, ATOL[manifest.dtype], Path(tmp))
-        if codec_dir is not None and manifest.has("codec_decoder"):
+        if codec_dir is not None and manifest.has(CODEC_DECODER):
             from .codec import load_codec
 
             codec = load_codec(codec_dir)
             feeds = _codec_feeds(rng)
             with torch.no_grad():
                 outputs = [{"audio": codec.decode(torch.from_numpy(f["codes"])).numpy()} for f in feeds]
-            ok &= _polygraphy(manifest.graph_path("codec_decoder"), feeds, outputs, 1e-5, Path(tmp))
+            ok &= _polygraphy(manifest.graph_path(CODEC_DECODER), feeds, outputs, 1e-5, Path(tmp))
     print("check-onnx: " + ("all graphs match the torch reference" if ok else "MISMATCH (see above)"))
     return 0 if ok else 1
 

@@ -31,20 +31,16 @@ import onnxscript
 import torch
 from torch import nn
 
+from engines.manifest import BACKBONE_GRAPHS, WEIGHTS_FILE
+
 from .llm import KV, HiggsAudioBackbone, Mode
 
 OPSET = 24
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # make export DTYPE=
-WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096  # page-aligned tensors let runtimes memory-map the weights
 
 _op = onnxscript.values.Opset("", OPSET)
 
-GRAPH_FILES = {
-    "prefill": "backbone_prefill.onnx",
-    "text": "backbone_text.onnx",
-    "audio": "backbone_audio.onnx",
-}
 
 
 def _translations() -> dict:
@@ -291,10 +287,10 @@ def export_backbone(
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         for key, mode in (("prefill", Mode.MIXED), ("text", Mode.TEXT), ("audio", Mode.AUDIO)):
             started = time.time()
-            log(f"exporting {GRAPH_FILES[key]} ({mode.value} positions)")
-            raw = Path(tmp) / GRAPH_FILES[key]
+            log(f"exporting {BACKBONE_GRAPHS[key]} ({mode.value} positions)")
+            raw = Path(tmp) / BACKBONE_GRAPHS[key]
             export_backbone_graph(model, mode, raw)
-            weights_by_graph[key] = consolidate_weights(raw, out_dir / GRAPH_FILES[key], store)
+            weights_by_graph[key] = consolidate_weights(raw, out_dir / BACKBONE_GRAPHS[key], store)
             for leftover in Path(tmp).iterdir():
                 leftover.unlink()
             log(f"  done in {time.time() - started:.1f}s")
@@ -302,7 +298,7 @@ def export_backbone(
     sizes = {name: length for name, _, length in store.entries.values()}
     for key, weights in weights_by_graph.items():
         # a '#offset' suffix marks a byte-identical twin of another tensor of the same graph
-        entries[key] = graph_entry(out_dir / GRAPH_FILES[key], weights, {w: sizes[w.split("#")[0]] for w in weights})
+        entries[key] = graph_entry(out_dir / BACKBONE_GRAPHS[key], weights, {w: sizes[w.split("#")[0]] for w in weights})
     log(f"weights.bin: {os.path.getsize(store.path) / 2**20:.1f} MiB shared by {len(entries)} graphs")
     return entries
 

@@ -30,9 +30,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from engines.manifest import SAMPLER
+
 from .onnx_export import OPSET, describe_values
 
-FILE = "audio_sampler.onnx"
 OUTPUTS = ("codes", "ras_codes")
 
 
@@ -115,7 +116,7 @@ def build_audio_sampler(num_codebooks: int, width: int) -> onnx.ModelProto:
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     graph = helper.make_graph(
         nodes,
-        "audio_sampler",
+        SAMPLER,
         [
             helper.make_tensor_value_info("audio_logits", f32, ["batch", num_codebooks, width]),
             helper.make_tensor_value_info("temperature", f32, ["batch"]),

@@ -31,7 +31,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .onnx_export import ALIGN, GRAPH_FILES, WEIGHTS_FILE, graph_entry, write_manifest
+from engines.manifest import BACKBONE_GRAPHS, WEIGHTS_FILE
+
+from .onnx_export import ALIGN, graph_entry, write_manifest
 
 BITS = {"int4": 4, "int8": 8}  # make export DTYPE= -> bits
 DEFAULT_BLOCK_SIZE = 32  # issue 13: 1B audio step 3.75x faster than float32 at block 32, accuracy_level 4
@@ -197,7 +199,7 @@ def quantize_artifacts(src: Path, out: Path, bits: int, block_size: int = DEFAUL
     source = np.memmap(src / WEIGHTS_FILE, np.uint8, mode="r")
     weights = _Weights(out / WEIGHTS_FILE)
     try:
-        for key, file in GRAPH_FILES.items():
+        for key, file in BACKBONE_GRAPHS.items():
             started = time.time()
             names, sizes = quantize_graph(src / file, out / file, source, weights, bits, block_size, accuracy_level)
             manifest["graphs"][key] = graph_entry(out / file, names, sizes)
@@ -206,7 +208,7 @@ def quantize_artifacts(src: Path, out: Path, bits: int, block_size: int = DEFAUL
     finally:
         weights.close()
     for key, entry in manifest["graphs"].items():
-        if key not in GRAPH_FILES:  # codec, sampler: self-contained graphs, copied as they are
+        if key not in BACKBONE_GRAPHS:  # codec, sampler: self-contained graphs, copied as they are
             shutil.copyfile(src / entry["file"], out / entry["file"])
     if manifest.get("tokenizer"):
         shutil.copyfile(src / manifest["tokenizer"], out / manifest["tokenizer"])

@@ -106,7 +106,7 @@ def verify_llm(checkpoint: Path, golden, artifacts: Path | None, report: Report)
     runtime = engine = None
     if artifacts is not None:
         from engines.generate import Engine
-        from engines.manifest import Manifest
+        from engines.manifest import CODEC_DECODER, CODEC_ENCODER, Manifest
         from engines.ort_runtime import OrtBackbone
 
         longest = max(len(golden_prompts(golden, c, audio_out)[1].input_ids) for c in cases)
@@ -161,11 +161,11 @@ def verify_codec(checkpoint: Path, golden, artifacts: Path | None, report: Repor
     decoder = encoder = None
     if artifacts is not None:
         from engines.codec import CodecDecoder, CodecEncoder
-        from engines.manifest import Manifest
+        from engines.manifest import CODEC_DECODER, CODEC_ENCODER, Manifest
 
         manifest = Manifest.load(artifacts)
-        decoder = CodecDecoder(manifest.graph_path("codec_decoder"))
-        encoder = CodecEncoder(manifest.graph_path("codec_encoder")) if manifest.has("codec_encoder") else None
+        decoder = CodecDecoder(manifest.graph_path(CODEC_DECODER))
+        encoder = CodecEncoder(manifest.graph_path(CODEC_ENCODER)) if manifest.has(CODEC_ENCODER) else None
     for case in sorted({k[: -len("_codes")] for k in golden.files if k.startswith("dec_") and k.endswith("_codes")}):
         codes = golden[f"{case}_codes"]
         batch = codes if codes.ndim == 3 else codes[None]

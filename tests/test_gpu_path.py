@@ -19,11 +19,10 @@ import pytest
 from engines.build_engine import static_cache_graph
 from engines.gpu_env import GpuUnavailable, driver_cuda_version, require_runtime
 from engines.graph_edit import edited_graph, unmasked_single_token_attention
-from engines.manifest import Manifest
+from engines.manifest import STEP_GRAPHS, Manifest
 from engines.ort_runtime import (
     CUDA_EP,
     RECORD_PLACEMENT,
-    STEP_GRAPHS,
     OrtBackbone,
     check_placement,
     open_session,
