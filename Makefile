@@ -41,9 +41,9 @@ FUZZ_SECONDS ?= 150
 help:
 	@echo "make demo      set up, build the tiny default (checkpoint + ONNX) and synthesise $(WAV)"
 	@echo "make test      set up and run the test suite"
-	@echo "make export    CHECKPOINT=DIR CODEC=DIR OUT=DIR [DTYPE=float32|float16|bfloat16|int8|int4]"
+	@echo "make export    CHECKPOINT=DIR CODEC=DIR OUT=DIR [DTYPE=float32|float16|bfloat16|int8|int4] [NO_FLOAT32_REFERENCE=1: int8/int4 without OUT/float32]"
 	@echo "make verify    CHECKPOINT=DIR GOLDEN=FILE [ARTIFACTS=DIR]"
-	@echo "make check-onnx ARTIFACTS=DIR [CHECKPOINT=DIR] polygraphy: ONNX Runtime vs torch reference (default: the exported checkpoint)"
+	@echo "make check-onnx ARTIFACTS=DIR [CHECKPOINT=DIR] polygraphy: ONNX Runtime vs torch reference (default: the exported checkpoint; int8/int4: docs/cpu.md)"
 	@echo "make engine    ARTIFACTS=DIR [PRECISION=fp16|bf16|fp32] [MAX_BATCH=..] [MAX_LEN=..] [NO_PREFILL=1]"
 	@echo "make check-engine ARTIFACTS=DIR                polygraphy: TensorRT vs ONNX Runtime"
 	@echo "make generate  ARTIFACTS=DIR TEXT='...' WAV=out.wav"
@@ -79,7 +79,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 export: $(STAMP) $(if $(filter $(TINY)/%,$(CHECKPOINT)),$(TINY)/.done)
-	$(PY) -m export --checkpoint $(CHECKPOINT) $(if $(CODEC),--codec $(CODEC)) --out $(OUT) --dtype $(DTYPE)
+	$(PY) -m export --checkpoint $(CHECKPOINT) $(if $(CODEC),--codec $(CODEC)) --out $(OUT) --dtype $(DTYPE) $(if $(NO_FLOAT32_REFERENCE),--no-float32-reference)
 
 verify: $(STAMP)
 	@test -n "$(GOLDEN)" || { echo "usage: make verify CHECKPOINT=DIR GOLDEN=FILE [ARTIFACTS=DIR]"; exit 2; }
@@ -89,10 +89,10 @@ check-onnx: $(STAMP)
 	$(PY) -m export.check_onnx --artifacts $(ARTIFACTS) $(if $(filter command line,$(origin CHECKPOINT)),--checkpoint $(CHECKPOINT)) $(if $(filter command line,$(origin CODEC)),--codec $(CODEC))
 
 engine: $(STAMP)
-	$(PY) -m engines.build_engine --artifacts $(ARTIFACTS) --precision $(PRECISION) --max-batch $(MAX_BATCH) --max-len $(MAX_LEN) --out $(ENGINES) $(if $(NO_PREFILL),--no-prefill)
+	$(PY) -m engines.trt.build --artifacts $(ARTIFACTS) --precision $(PRECISION) --max-batch $(MAX_BATCH) --max-len $(MAX_LEN) --out $(ENGINES) $(if $(NO_PREFILL),--no-prefill)
 
 check-engine: $(STAMP)
-	$(PY) -m engines.check_engine --artifacts $(ARTIFACTS) --engines $(ENGINES)
+	$(PY) -m engines.trt.check --artifacts $(ARTIFACTS) --engines $(ENGINES)
 
 generate: $(STAMP)
 	$(PY) -m engines.generate --artifacts $(ARTIFACTS) --text "$(TEXT)" --out $(WAV)

@@ -1,1 +1,2 @@
-"""Benchmarks: `python -m bench` (CPU, bench/cpu.py)."""
+"""Benchmarks: `python -m bench` (CPU, bench/__main__.py and bench/sections/), `python -m bench.gpu`,
+`python -m bench.gpu_check`, `python -m bench.serve_ray`."""

@@ -7,9 +7,10 @@ time + peak RSS (v2.5-1b in bf16 and fp16), load_backbone time + peak RSS, weigh
 Engine.step loop vs raw graph step, time to first audio, batch 4; 4 `codec` encoder / decoder
 (one-shot and streaming) ORT vs torch, tiny and real-size codec; 5 `host` host overhead per step
 (Engine.step over a zero-cost backbone, batch 1-64) beside the real ORT audio step; 6 `real` the v2.5-1b
-in float32 / int8 / int4 with the real-size codec (bench/real.py). Everything is built from fresh
-random checkpoints in a temporary folder that is removed at the end. A full run (no --quick, no
---only) writes its results into the CPU section of docs/benchmarks.md.
+in float32 / int8 / int4 with the real-size codec. One module per section in bench/sections/; they
+run on bench/workspace.py (builds), bench/profiling.py (measuring) and bench/harness.py (driving the
+engine). Everything is built from fresh random checkpoints in a temporary folder that is removed at
+the end. A full run (no --quick, no --only) writes its results into the CPU section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -22,14 +23,54 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
-from .common import CPU_HEADING, CpuLoad, Section, format_table, machine_description, today, write_doc_section
-from .cpu import SECTIONS, Config, Workspace, prebuild_chains
+from .common import CPU_HEADING, Section, format_table, machine_description, today, write_doc_section
+from .config import Config
+from .profiling import CpuLoad
+from .sections import codec, export, host, loop, real, steps
+from .workspace import Workspace
 
-ORDER = ["steps", "export", "loop", "codec", "host", "real"]  # report order (section numbers)
+SECTIONS = {  # report order (section numbers)
+    "steps": steps.section_steps,
+    "export": export.section_export,
+    "loop": loop.section_loop,
+    "codec": codec.section_codec,
+    "host": host.section_host,
+    "real": real.section_real,
+}
+ORDER = list(SECTIONS)
 NUMBERED = {str(number): name for number, name in enumerate(ORDER, 1)}  # --only 1 = --only steps, ...
 RUN_ORDER = ["steps", "loop", "codec", "host", "real", "export"]  # the long export section last
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def prebuild_chains(ws: Workspace, cfg: Config, sections: list[str]) -> list[list[Callable[[], Path]]]:
+    """Two independent build chains for what `sections` need (backbones | codecs)."""
+    llm: list[Callable[[], Path]] = []
+    codecs: list[Callable[[], Path]] = []
+    sizes = []
+    if "steps" in sections:
+        sizes += cfg.step_sizes
+    if "loop" in sections:
+        sizes += cfg.loop_sizes
+    if "host" in sections:
+        sizes += ["tiny"]
+    for size in dict.fromkeys(sizes):
+        llm.append(lambda s=size: ws.artifacts(s))
+    if "export" in sections:
+        llm.append(lambda: ws.checkpoint(cfg.export_size))
+    real_llm, real_codecs = real.prebuild(ws, cfg) if "real" in sections else ([], [])
+    llm += real_llm
+    codec_sizes = []
+    if "loop" in sections:
+        codec_sizes += ["tiny", *cfg.ttfa_codecs]
+    if "codec" in sections:
+        codec_sizes += cfg.codec_sizes
+    for size in dict.fromkeys(codec_sizes):
+        codecs.append(lambda s=size: ws.codec_graphs(s))
+    codecs += real_codecs
+    return [llm, codecs]
 
 
 def _versions() -> str:
@@ -45,7 +86,7 @@ def _versions() -> str:
 
 def doc_body(sections: list[Section], command: str, total: float, cfg: Config, machine: str, versions: str) -> str:
     lines = [
-        "Written by `python -m bench` (bench/cpu.py); every number below comes from one run of that command. "
+        "Written by `python -m bench` (bench/); every number below comes from one run of that command. "
         "Comparisons are interleaved in the same process and reported as medians and ratios (torch/ORT > 1 means "
         "ONNX Runtime is faster). Random weights, so only speed and memory mean anything here.",
         "",

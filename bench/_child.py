@@ -5,7 +5,8 @@
     python -m bench._child export-codec CODEC_DIR OUT    codec_decoder.onnx + codec_encoder.onnx only
     python -m bench._child serve ARTIFACTS CODEC_ONNX STEPS PREFILL   engine start-up, one greedy request (PREFILL: graph|split)
 
-Output ends with `BENCH_RESULT {json}` and `BENCH_PEAK_RSS <bytes>` (this process's VmHWM).
+Output ends with `BENCH_RESULT {json}` (`read_result` reads it back) and `BENCH_PEAK_RSS <bytes>`
+(this process's VmHWM).
 """
 
 from __future__ import annotations
@@ -17,25 +18,32 @@ from pathlib import Path
 
 from engines.manifest import CODEC_DECODER, CODEC_ENCODER, graph_file
 
+from .profiling import status_field_bytes
+
 RESULT_PREFIX = "BENCH_RESULT "
+CODEC_LISTING = "graphs.json"  # export-codec: graph key -> file, or codec_encoder_error -> why it is missing
 
 
 def _emit(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
+def read_result(output: str) -> dict:
+    """The result a task printed (its last `BENCH_RESULT` line), {} when there is none."""
+    for line in reversed(output.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    return {}
+
+
 def _rss() -> dict:
     """This process's resident memory now: total, anonymous (heap) and file-backed (mmap) bytes."""
-    out = {}
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key = line.split(":")[0]
-                if key in ("VmRSS", "RssAnon", "RssFile"):
-                    out[key] = int(line.split()[1]) * 1024
+        status = Path("/proc/self/status").read_text()
     except OSError:
-        pass
-    return out
+        return {}
+    fields = {key: status_field_bytes(status, key) for key in ("VmRSS", "RssAnon", "RssFile")}
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 def load(checkpoint: str, dtype_name: str) -> dict:
@@ -89,7 +97,7 @@ def export_codec(codec_dir: str, out: str) -> dict:
         graphs[CODEC_ENCODER] = export_codec_encoder(codec, out_dir / graph_file(CODEC_ENCODER))
     except Exception as error:  # the decoder is still useful without it; the bench reports the reason
         graphs["codec_encoder_error"] = f"{type(error).__name__}: {error}"
-    (out_dir / "graphs.json").write_text(json.dumps(graphs, indent=2))
+    (out_dir / CODEC_LISTING).write_text(json.dumps(graphs, indent=2))
     return {"seconds": time.perf_counter() - started, "graphs": sorted(graphs)}
 
 
@@ -100,16 +108,16 @@ def serve(artifacts: str, codec_onnx: str, steps: str, prefill: str) -> dict:
     own heap, so the prefill session is a second private copy of every weight."""
     from engines.api import SamplingParams, SpeechRequest
     from engines.codec import CodecDecoder
-    from engines.generate import Engine
+    from engines.loop import Engine
     from engines.manifest import Manifest
     from engines.ort_runtime import OrtBackbone
     from engines.prompt import PromptRenderer, tts_messages
 
-    from .cpu import LOOP_TEXT, _no_stream_eos
+    from .harness import LOOP_TEXT, no_stream_eos
 
     started = time.perf_counter()
     manifest = Manifest.load(artifacts)
-    runtime = _no_stream_eos(OrtBackbone(manifest, max_batch=1, max_len=512, prefill_graph=prefill == "graph"))
+    runtime = no_stream_eos(OrtBackbone(manifest, max_batch=1, max_len=512, prefill_graph=prefill == "graph"))
     renderer = PromptRenderer(manifest.tokenizer, manifest.model.num_codebooks)
     engine = Engine(runtime, CodecDecoder(codec_onnx, ["CPUExecutionProvider"]), renderer=renderer)
     engine.warmup()

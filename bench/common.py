@@ -1,5 +1,6 @@
-"""Pure helpers of the benchmarks: statistics, table / number formatting, child-process peak RSS,
-machine description and the docs/benchmarks.md section writer. No torch, no onnxruntime here.
+"""Pure helpers of the benchmarks: statistics, table / number formatting, a section's results,
+machine description, a free localhost port and the docs/benchmarks.md section writer. No torch, no
+onnxruntime here. (Timers and memory measurement: bench/profiling.py.)
 """
 
 from __future__ import annotations
@@ -7,13 +8,13 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 import statistics
-import subprocess
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
+
+AUDIO_FRAME_RATE = 25  # codec frames (= audio decode steps) per second of audio
 
 # --- statistics -------------------------------------------------------------------------------------
 
@@ -141,166 +142,7 @@ class Section:
         return "\n".join(out).rstrip() + "\n"
 
 
-# --- child processes: wall time and peak RSS --------------------------------------------------------
-
-
-@dataclass
-class ChildResult:
-    returncode: int
-    seconds: float
-    peak_rss: int | None  # bytes: the child's own VmHWM (self-reported at exit, else the last sampled value)
-    peak_rss_sampled: int | None  # bytes: max RSS of the child's process tree, psutil samples (cross-check)
-    output: str  # combined stdout + stderr
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-    def tail(self, lines: int = 15) -> str:
-        return "\n".join(self.output.splitlines()[-lines:])
-
-
-PEAK_PREFIX = "BENCH_PEAK_RSS "  # printed by bench._peak / bench._child at exit
-
-
-def status_field_bytes(status_text: str, key: str) -> int | None:
-    """A `kB` field of /proc/PID/status (e.g. VmHWM, VmRSS) in bytes."""
-    for line in status_text.splitlines():
-        if line.startswith(key + ":"):
-            parts = line.split()
-            return int(parts[1]) * (1024 if len(parts) > 2 and parts[2].lower() == "kb" else 1)
-    return None
-
-
-def reported_peak(output: str) -> int | None:
-    """The last `BENCH_PEAK_RSS <bytes>` line a child printed, if any."""
-    for line in reversed(output.splitlines()):
-        if line.startswith(PEAK_PREFIX):
-            value = line[len(PEAK_PREFIX) :].strip()
-            return int(value) if value.isdigit() else None
-    return None
-
-
-def _vmhwm(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return status_field_bytes(f.read(), "VmHWM")
-    except OSError:
-        return None
-
-
-def _tree_rss(proc) -> int:
-    import psutil
-
-    total = 0
-    try:
-        procs = [proc] + proc.children(recursive=True)
-    except psutil.Error:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-def run_measured(
-    cmd: Sequence[str],
-    cwd: str | Path | None = None,
-    env: dict | None = None,
-    on_line: Callable[[str], None] | None = None,
-    sample_interval: float = 0.05,
-) -> ChildResult:
-    """Run `cmd`, stream its output lines to `on_line`, and measure wall time and peak RSS.
-
-    Peak RSS is the child's own VmHWM (the kernel's high-water mark of its address space): exact
-    when the child reports it at exit (run Python modules through `python -m bench._peak MODULE`),
-    otherwise the last value sampled from /proc/PID/status. psutil sampling of the whole process
-    tree's RSS every `sample_interval` seconds is kept as a cross-check. Not used on purpose:
-    `os.wait4` / `getrusage(RUSAGE_CHILDREN)` ru_maxrss, which on Linux start from the *parent's*
-    high-water mark (carried over fork + exec) and, for RUSAGE_CHILDREN, are a max over all children.
-    """
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil is a dev dependency
-        psutil = None
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    lines: list[str] = []
-
-    def reader():
-        for line in proc.stdout:
-            lines.append(line)
-            if on_line is not None:
-                on_line(line.rstrip("\n"))
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    watched = None
-    if psutil is not None:
-        try:
-            watched = psutil.Process(proc.pid)
-        except psutil.Error:
-            watched = None
-    sampled, hwm = 0, 0
-    while proc.poll() is None:
-        if watched is not None:
-            sampled = max(sampled, _tree_rss(watched))
-        hwm = max(hwm, _vmhwm(proc.pid) or 0)
-        time.sleep(sample_interval)
-    seconds = time.perf_counter() - started
-    thread.join(timeout=10)
-    proc.stdout.close()
-    output = "".join(lines)
-    peak = reported_peak(output) or hwm or None
-    return ChildResult(proc.returncode, seconds, peak, sampled or None, output)
-
-
-# --- CPU time used by other processes (the machine is shared) ------------------------------------
-
-
-def proc_stat_busy_idle(stat_text: str) -> tuple[int, int]:
-    """(busy, idle) jiffies summed over all CPUs from the first line of /proc/stat."""
-    first = stat_text.splitlines()[0].split()
-    if first[0] != "cpu":
-        raise ValueError("not a /proc/stat text")
-    values = [int(v) for v in first[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    busy = sum(values[:8]) - idle  # user nice system idle iowait irq softirq steal (guest is inside user)
-    return busy, idle
-
-
-class CpuLoad:
-    """Average number of cores kept busy by *other* processes between start() and stop():
-    machine-wide busy time (/proc/stat) minus this process's (and its reaped children's) CPU time."""
-
-    def __init__(self):
-        self._start = self._snapshot()
-
-    @staticmethod
-    def _snapshot():
-        try:
-            busy, _ = proc_stat_busy_idle(Path("/proc/stat").read_text())
-        except (OSError, ValueError):
-            return None
-        own = os.times()
-        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        return busy / tick, own.user + own.system + own.children_user + own.children_system, time.perf_counter()
-
-    def background_cores(self) -> float | None:
-        end = self._snapshot()
-        if self._start is None or end is None:
-            return None
-        busy = end[0] - self._start[0]
-        own = end[1] - self._start[1]
-        wall = end[2] - self._start[2]
-        return max(0.0, (busy - own) / wall) if wall > 0 else None
-
-
-# --- machine / docs ---------------------------------------------------------------------------------
+# --- machine / network / docs -----------------------------------------------------------------------
 
 
 def cpu_model(cpuinfo: str) -> str:
@@ -325,6 +167,13 @@ def machine_description() -> str:
     except ImportError:
         ram = ""
     return f"{model}, {cores} cores{ram}"
+
+
+def free_port() -> int:
+    """A localhost TCP port that nothing listens on right now (for a server started next)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def today() -> str:

@@ -32,14 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.manifest import Manifest, ModelSpec
+from engines.manifest import MANIFEST_FILE, Manifest, ModelSpec
 
-from .common import format_table, today, write_doc_section
+from .common import AUDIO_FRAME_RATE, format_table, today, write_doc_section
 
 SIZES = ("v2.5-1b", "v2-3b")  # the default run; tiny / mid are export.tiny's smoke-test sizes
 ALL_SIZES = ("tiny", "mid", *SIZES)
 RUNTIMES = ("tensorrt", "ort-cuda", "torch")
-FRAME_RATE = 25  # codec frames (audio steps) per second of audio
 DTYPE = "float16"
 GPU_HEADING = "## GPU (TensorRT, ONNX Runtime CUDA, torch)"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -115,7 +114,7 @@ def table_rows(rows: list[Row], bandwidth: float | None) -> list[list[object]]:
                 r.runtime,
                 r.batch,
                 None if r.steps_per_s is None else f"{r.steps_per_s:.1f}",
-                None if r.steps_per_s is None else f"{r.steps_per_s * r.batch / FRAME_RATE:.1f}",
+                None if r.steps_per_s is None else f"{r.steps_per_s * r.batch / AUDIO_FRAME_RATE:.1f}",
                 None if r.bytes_per_step is None else f"{r.bytes_per_step / 2**20:.0f}",
                 None if floor is None else f"{floor:.1f}",
                 None if floor is None or r.steps_per_s is None else f"{100 * r.steps_per_s / floor:.0f}%",
@@ -138,7 +137,7 @@ def doc_body(rows: list[Row], bandwidth: float | None, args: argparse.Namespace,
         "",
         f"- steps/s: batched audio steps (one graph call each, logits copied to the host) with every stream attending "
         f"{args.context} positions; median of 3 rounds of {args.steps} steps after warm-up (TensorRT: CUDA graphs replayed).",
-        f"- audio s/s: seconds of audio produced per wall-clock second, steps/s x batch / {FRAME_RATE}.",
+        f"- audio s/s: seconds of audio produced per wall-clock second, steps/s x batch / {AUDIO_FRAME_RATE}.",
         "- floor steps/s: device-to-device copy bandwidth / bytes read per step (audio graph weights + K and V at the context); "
         "no runtime can beat it, % of floor says how close one gets.",
         f"- TTFA: batch 1, a {args.prompt}-token text prefill plus the audio steps until the first delayed frame is complete; "
@@ -174,7 +173,7 @@ def prepare_artifacts(size: str, work: Path) -> Path:
     if not generated.is_file():  # a marker: an interrupted run leaves a partial checkpoint behind
         run_logged([sys.executable, "-m", "export.tiny", "--out", str(root), "--size", size, "--no-codec"])
         generated.touch()
-    if not (artifacts / "manifest.json").is_file():  # export writes the manifest last
+    if not (artifacts / MANIFEST_FILE).is_file():  # export writes the manifest last
         run_logged([sys.executable, "-m", "export", "--checkpoint", str(root / "llm"), "--out", str(artifacts), "--dtype", DTYPE])
     return artifacts
 
@@ -311,7 +310,9 @@ def open_backend(runtime: str, artifacts: Path, manifest: Manifest, args) -> Run
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise Skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider: make setup-gpu")
         return RuntimeBackend(OrtBackbone(manifest, max_batch=max_batch, max_len=args.max_len, device="cuda"), args.context)
-    from engines.trt_runtime import EngineMismatch, MissingDependency, TrtBackbone, import_cudart, import_tensorrt
+    from engines.trt.device import MissingDependency, import_cudart, import_tensorrt
+    from engines.trt.engine_dir import EngineMismatch
+    from engines.trt.runtime import TrtBackbone
 
     try:
         import_tensorrt()
@@ -324,7 +325,7 @@ def open_backend(runtime: str, artifacts: Path, manifest: Manifest, args) -> Run
     except EngineMismatch as why:
         log(f"building TensorRT engines ({str(why).splitlines()[-1].strip(' -')})")
         run_logged(
-            [sys.executable, "-m", "engines.build_engine", "--artifacts", str(artifacts), "--precision", "fp16",
+            [sys.executable, "-m", "engines.trt.build", "--artifacts", str(artifacts), "--precision", "fp16",
              "--max-batch", str(max_batch), "--max-len", str(args.max_len), "--out", str(engines), "--no-prefill"]
         )
         backbone = TrtBackbone(manifest, max_batch=max_batch, max_len=args.max_len, engines_dir=engines)
@@ -371,7 +372,7 @@ def versions() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engines.trt_runtime import Cuda
+    from engines.trt.device import Cuda
 
     args = parse_args(argv)
     command = "python -m bench.gpu" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))

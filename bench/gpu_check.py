@@ -7,7 +7,7 @@ In order, each step in its own process with its own timeout, a failing step neve
 1. versions: driver, GPU, CUDA, TensorRT, onnxruntime (and the CUDA it was built for), cuda-python, providers;
 2. export: random `tiny` and `mid` checkpoints in float16, and the shared tiny golden in float32;
 3. engines: TensorRT engines for all three (verbose builder log kept next to the report);
-4. check-engine: every fp16 engine against ONNX Runtime (engines/check_engine.py);
+4. check-engine: every fp16 engine against ONNX Runtime (engines/trt/check.py);
 5. golden: teacher-forced logits and greedy generation of the shared tiny golden through `ort-cpu`,
    `ort-cuda` and `tensorrt` (fp32 artifacts and engines), against the golden (export/verify.py's checks);
 6. replay: TensorRT decode steps replayed from captured CUDA graphs give the logits of uncaptured runs;
@@ -78,14 +78,14 @@ def plan(work: Path, bench_sizes: str, bench_minutes: float) -> list[Step]:
     chain.append(" ".join(python("export", "--checkpoint", str(GOLDEN), "--out", str(golden), "--dtype", "float32")))
     steps.append(Step("export", "random tiny + mid checkpoints in float16, the shared tiny golden in float32", ["sh", "-ec", " && ".join(chain)], 420))
     builds = [
-        " ".join(python("engines.build_engine", "--artifacts", str(work / size / "onnx"), "--precision", "fp16", "--max-batch",
+        " ".join(python("engines.trt.build", "--artifacts", str(work / size / "onnx"), "--precision", "fp16", "--max-batch",
                         str(ENGINE_BATCH), "--max-len", str(ENGINE_LEN), "--out", str(work / size / "onnx" / "engines"), "--verbose"))
         for size in SIZES
     ]
-    builds.append(" ".join(python("engines.build_engine", "--artifacts", str(golden), "--precision", "fp32", "--max-batch", "1",
+    builds.append(" ".join(python("engines.trt.build", "--artifacts", str(golden), "--precision", "fp32", "--max-batch", "1",
                                   "--max-len", str(GOLDEN_LEN), "--out", str(golden / "engines"), "--verbose")))
     steps.append(Step("engines", "TensorRT engines (verbose builder log)", ["sh", "-ec", " && ".join(builds)], 600))
-    checks = [" ".join(python("engines.check_engine", "--artifacts", str(work / s / "onnx"), "--engines", str(work / s / "onnx" / "engines")))
+    checks = [" ".join(python("engines.trt.check", "--artifacts", str(work / s / "onnx"), "--engines", str(work / s / "onnx" / "engines")))
               for s in SIZES]
     steps.append(Step("check-engine", "fp16 engines vs ONNX Runtime, logits and caches", ["sh", "-ec", " && ".join(checks)], 300))
     steps.append(Step("golden", "shared tiny golden through ort-cpu, ort-cuda and tensorrt (logits + greedy generation)",
@@ -188,10 +188,10 @@ def run_all(args) -> int:
 
 def golden_step(artifacts: Path) -> int:
     """Teacher-forced logits and greedy generation of the shared tiny golden through every runtime."""
-    from engines.generate import Engine
+    from engines.loop import Engine
     from engines.manifest import Manifest
     from engines.ort_runtime import OrtBackbone
-    from engines.trt_runtime import TrtBackbone
+    from engines.trt.runtime import TrtBackbone
     from export.verify import LOGITS_ATOL, Report, _verify_generation, golden_prompts, llm_cases, onnx_logits
 
     golden = np.load(GOLDEN / "cases.npz")
@@ -224,7 +224,7 @@ def golden_step(artifacts: Path) -> int:
 def replay_step(artifacts: Path) -> int:
     """Decode steps over every row bucket, once through captured CUDA graphs and once uncaptured."""
     from engines.manifest import Manifest
-    from engines.trt_runtime import TrtBackbone
+    from engines.trt.runtime import TrtBackbone
 
     manifest = Manifest.load(artifacts)
     spec = manifest.model

@@ -14,23 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from bench.common import format_table, interleaved, machine_description, median, spread
+from bench.common import format_table, free_port, interleaved, machine_description, median, spread
 
 REQUEST = {"model": "higgs-audio-v2", "messages": [{"role": "user", "content": "The quick brown fox jumps."}],
            "modalities": ["audio"], "seed": 2, "temperature": 2.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _load(url: str, clients: int, requests: int, steps: int) -> float:
@@ -72,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         ray_serve.run(application(parser().parse_args(flags)), name=name, route_prefix=f"/{name}")
         return time.perf_counter() - started
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)

@@ -62,6 +62,9 @@ class SpeechRequest:
     messages: list[Message]
     sampling: SamplingParams = SamplingParams()
     max_tokens: int | None = None  # generation steps, each counts once (spec §5.7); None = what fits in the cache
+    # max_tokens is a default the server chose, not the client's: the engine lowers it to the room the
+    # prompt leaves in the KV cache, where an explicit max_tokens that does not fit is refused
+    max_tokens_defaulted: bool = False
     stop_strings: tuple[str, ...] = ("<|end_of_text|>", "<|eot_id|>")
     force_audio: bool = True  # append <|audio_out_bos|> after the assistant header
     request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
@@ -85,11 +88,13 @@ class TextDelta:
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
+    """The last event of a request. The counts default to zero for a request that ended before its prompt ran."""
+
     finish_reason: Literal["stop", "length", "cancelled", "error"]
-    stop_reason: int | str | None  # 1025 when the audio stream ended by itself
-    prompt_tokens: int
-    completion_tokens: int
-    audio_seconds: float
+    stop_reason: int | str | None = None  # 1025 when the audio stream ended by itself
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    audio_seconds: float = 0.0
     error: str | None = None
     # what was generated, for verification and debugging: delayed (N, W) audio segments and the
     # text-side ids in upstream's compressed form (one <|AUDIO_OUT|> per segment)
@@ -174,7 +179,7 @@ class Generation:
 
 
 class SpeechEngine(Protocol):
-    """What the server needs from the decode loop (implemented by engines.generate.Engine)."""
+    """What the server needs from the decode loop (implemented by engines.loop.Engine)."""
 
     model_name: str
     sample_rate: int

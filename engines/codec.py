@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 METADATA_KEY = "higgs_codec"
+STREAM_MAX_FRAMES = 64  # StreamingDecoder's default cap on a chunk, in code frames (its docstring gives the cost per size)
 
 # HuBERT-base feature extractor (kernel, stride) per conv: total stride 320, receptive field 400.
 HUBERT_BASE_CONVS = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
@@ -222,7 +223,7 @@ class StreamingDecoder:
     decode one stream's window right away.
     """
 
-    def __init__(self, decoder: CodecDecoder, context: int | None = None, min_frames: int = 1, max_frames: int = 64):
+    def __init__(self, decoder: CodecDecoder, context: int | None = None, min_frames: int = 1, max_frames: int = STREAM_MAX_FRAMES):
         if min_frames < 1 or max_frames < 1:
             raise ValueError(f"streaming chunks need min_frames >= 1 and max_frames >= 1, got {min_frames} and {max_frames}")
         self.decoder = decoder

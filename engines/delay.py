@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-STREAM_BOS = 1024  # audio_stream_bos_id: per-codebook value
-STREAM_EOS = 1025  # audio_stream_eos_id
-CODEBOOK_SIZE = 1024  # real codes are 0..1023
+from .tokens import CODEBOOK_SIZE, STREAM_BOS, STREAM_EOS
 
 
 def delay_pattern(codes: np.ndarray, bos: int = STREAM_BOS, eos: int = STREAM_EOS) -> np.ndarray:

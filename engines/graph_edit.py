@@ -2,7 +2,7 @@
 
 The exported graphs are the one portable form; a runtime that needs something else gets an edited
 copy written next to `weights.bin` (so the relative external-data references still resolve), used,
-and removed. TensorRT's edits are in engines/build_engine.py; ONNX Runtime CUDA's is here.
+and removed. TensorRT's edits are in engines/trt/static_cache.py; ONNX Runtime CUDA's is here.
 """
 
 from __future__ import annotations

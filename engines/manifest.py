@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from . import tokens
+
 # The artifacts contract, owned here: export/ writes these names and this format, engines/ read them.
 FORMAT = 1  # manifest.json "format"; a manifest of any other format is refused (re-export)
 WEIGHTS_FILE = "weights.bin"  # backbone weights, stored once, read by every backbone graph as external data
@@ -19,6 +21,7 @@ SAMPLER = "audio_sampler"  # audio logits -> drawn codes (no weights)
 CODEC_DECODER = "codec_decoder"
 CODEC_ENCODER = "codec_encoder"  # voice cloning only
 TOKENIZER_FILE = "tokenizer.json"
+MANIFEST_FILE = "manifest.json"  # written last by make export: its presence means the export finished
 
 
 def graph_file(key: str) -> str:
@@ -32,7 +35,10 @@ class ManifestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """The backbone facts the runtime and the loop need (a subset of export.config.HiggsConfig)."""
+    """The backbone facts the runtimes and the loop need, as the manifest's "model" carries them:
+    the owner of the token and stream ids at run time (`export.config.HiggsConfig` extends it with
+    what only the exporter needs). The defaults are Higgs Audio v2's ids (engines/tokens.py), for
+    the config.json layouts that leave one out; a manifest always names every field."""
 
     hidden_size: int
     num_layers: int
@@ -44,18 +50,25 @@ class ModelSpec:
     codebook_size: int
     stream_bos_id: int
     stream_eos_id: int
-    audio_in_token_id: int
-    audio_out_token_id: int
-    audio_out_bos_token_id: int
-    audio_eos_token_id: int
-    audio_bos_token_id: int
-    bos_token_id: int
-    eos_token_id: int
-    eot_token_id: int
+    audio_in_token_id: int = tokens.AUDIO_IN
+    audio_out_token_id: int = tokens.AUDIO_OUT
+    audio_out_bos_token_id: int = tokens.AUDIO_OUT_BOS
+    audio_eos_token_id: int = tokens.AUDIO_EOS
+    audio_bos_token_id: int = tokens.AUDIO_BOS
+    bos_token_id: int = tokens.BEGIN_OF_TEXT
+    eos_token_id: int = tokens.END_OF_TEXT
+    eot_token_id: int = tokens.EOT
 
     @property
     def codebook_stride(self) -> int:
+        """Rows per codebook in the audio embedding / head: codes + stream BOS + stream EOS."""
         return self.codebook_size + 2
+
+    @property
+    def stop_token_ids(self) -> dict[str, int]:
+        """The special tokens a stop string may name when there is no tokenizer (prompts given as ids)."""
+        return {"<|end_of_text|>": self.eos_token_id, "<|eot_id|>": self.eot_token_id,
+                "<|audio_eos|>": self.audio_eos_token_id}
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelSpec":
@@ -75,7 +88,7 @@ class Manifest:
     @classmethod
     def load(cls, artifacts_dir: str | Path) -> "Manifest":
         root = Path(artifacts_dir)
-        path = root / "manifest.json"
+        path = root / MANIFEST_FILE
         if not path.is_file():
             raise ManifestError(f"{path} not found: run `make export CHECKPOINT=... CODEC=... OUT={root}` first")
         with open(path) as f:

@@ -60,6 +60,9 @@ def provider_name(entry) -> str:
     return entry[0] if isinstance(entry, tuple) else entry
 
 
+SPIN_KEY = "session.intra_op.allow_spinning"  # ORT session config: idle intra-op threads busy-wait
+
+
 def session_options(device: str = "cpu", threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
     """Shared by every session of the engine. Spinning is off: the backbone's and the codec's intra-op
     threads would otherwise busy-wait against each other (measured 1.2-1.7x faster decode loop on 2 cores).
@@ -69,7 +72,7 @@ def session_options(device: str = "cpu", threads: int | None = None, spinning: b
     options.log_severity_level = 3  # TensorScatter warns on every non-aliased call; we always alias
     if device == "cuda":
         options.add_session_config_entry(RECORD_PLACEMENT, "1")
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry(SPIN_KEY, "1" if spinning else "0")
     if threads:
         options.intra_op_num_threads = threads
     return options
@@ -201,6 +204,16 @@ class OrtBackbone(BackboneRuntime):
             host = self.text_logits if name == "text_logits" else self.audio_logits
             binding.bind_output(name, "cpu", 0, np.float32, (rows,) + host.shape[1:], host.ctypes.data)
         return binding
+
+    def replace_session(self, graph: str, session: ort.InferenceSession) -> ort.InferenceSession:
+        """Run `graph` through `session` from now on (the same graph with other options, e.g. profiling
+        or spinning threads) and return the session it replaces. The cached step bindings of `graph` are
+        dropped: an IO binding belongs to the session that made it."""
+        replaced = self.sessions[graph]
+        self.sessions[graph] = session
+        for key in [key for key in self._step_bindings if key[0] == graph]:
+            del self._step_bindings[key]
+        return replaced
 
     def run(self, graph: str, slot: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = len(inputs["cache_lengths"])

@@ -25,34 +25,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from engines.api import AudioCodes, Content, Message, SpecialToken
-from engines.delay import CODEBOOK_SIZE, delay_pattern
-
-# Special token ids (spec §4); the renderer checks that the tokenizer agrees.
-BEGIN_OF_TEXT = 128000
-END_OF_TEXT = 128001
-START_HEADER = 128006
-END_HEADER = 128007
-EOM = 128008
-EOT = 128009
-AUDIO_BOS = 128011  # <|audio_bos|>, before an input <|AUDIO|>
-AUDIO_EOS = 128012  # <|audio_eos|>, closes an audio segment; emitted when the EOS ramp-out ends
-AUDIO_OUT_BOS = 128013  # <|audio_out_bos|>, starts an audio-out segment (AUDIO_INIT)
-AUDIO_IN = 128015  # <|AUDIO|>
-AUDIO_OUT = 128016  # <|AUDIO_OUT|>, placeholder / text token of every audio step
-
-_TOKEN_NAMES = {
-    "<|begin_of_text|>": BEGIN_OF_TEXT,
-    "<|end_of_text|>": END_OF_TEXT,
-    "<|start_header_id|>": START_HEADER,
-    "<|end_header_id|>": END_HEADER,
-    "<|eom_id|>": EOM,
-    "<|eot_id|>": EOT,
-    "<|audio_bos|>": AUDIO_BOS,
-    "<|audio_eos|>": AUDIO_EOS,
-    "<|audio_out_bos|>": AUDIO_OUT_BOS,
-    "<|AUDIO|>": AUDIO_IN,
-    "<|AUDIO_OUT|>": AUDIO_OUT,
-}
+from engines.delay import delay_pattern
+from engines.tokens import AUDIO_OUT, CODEBOOK_SIZE, TOKEN_NAMES
 
 ROLES = ("system", "user", "assistant")
 AUDIO_IN_TEXT = "<|audio_bos|><|AUDIO|><|audio_eos|>"
@@ -87,21 +61,13 @@ class ExpandedPrompt:
     audio_history: np.ndarray  # int64 (N, C): every audio-out column in order (RAS window source)
 
 
-def mask_runs(audio_mask: np.ndarray) -> list[tuple[int, int, bool]]:
-    """Maximal runs of text or audio positions as (start, stop, is_audio), in order."""
-    mask = np.asarray(audio_mask, bool)
-    edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
-    bounds = [0, *edges.tolist(), mask.size]
-    return [(a, b, bool(mask[a])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
 class PromptRenderer:
     """ChatML rendering with upstream's per-piece tokenisation (spec §5.1)."""
 
     def __init__(self, tokenizer_json_path: str | Path, audio_num_codebooks: int = 8):
         self.tokenizer = Tokenizer.from_file(str(tokenizer_json_path))
         self.audio_num_codebooks = audio_num_codebooks
-        for name, expected in _TOKEN_NAMES.items():
+        for name, expected in TOKEN_NAMES.items():
             got = self.tokenizer.token_to_id(name)
             if got != expected:
                 raise ValueError(f"{tokenizer_json_path}: {name} has id {got}, the model expects {expected}")

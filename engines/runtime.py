@@ -24,7 +24,14 @@ import dataclasses
 import numpy as np
 
 from .manifest import Manifest, ModelSpec
-from .prompt import mask_runs
+
+
+def mask_runs(audio_mask: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Maximal runs of text or audio positions as (start, stop, is_audio), in order."""
+    mask = np.asarray(audio_mask, bool)
+    edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), mask.size]
+    return [(a, b, bool(mask[a])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +76,7 @@ class BackboneRuntime(abc.ABC):
         if int(np.max(cache_lengths)) + length > self.capacity:
             raise ValueError(f"sequence would exceed the KV cache ({self.capacity} positions); raise max_len")
 
-    def prefill(
-        self,
-        slot: int,
-        input_ids: np.ndarray,
-        audio_codes: np.ndarray,
-        audio_mask: np.ndarray,
-    ) -> PromptLogits:
+    def prefill(self, slot: int, input_ids: np.ndarray, audio_codes: np.ndarray, audio_mask: np.ndarray) -> PromptLogits:
         """One prompt (T,) / (T, N) / (T,) into an empty `slot` with the mixed graph; logits of its last position."""
         if not self.has_prefill_graph:
             return self.prefill_split(slot, input_ids, audio_codes, audio_mask)
@@ -94,13 +95,7 @@ class BackboneRuntime(abc.ABC):
         )
         return PromptLogits(out["text_logits"][0].copy(), out["audio_logits"][0].copy())
 
-    def prefill_split(
-        self,
-        slot: int,
-        input_ids: np.ndarray,
-        audio_codes: np.ndarray,
-        audio_mask: np.ndarray,
-    ) -> PromptLogits:
+    def prefill_split(self, slot: int, input_ids: np.ndarray, audio_codes: np.ndarray, audio_mask: np.ndarray) -> PromptLogits:
         """Same result as `prefill`, but each maximal run of text or audio positions goes through
         the text or audio graph. Lets a deployment skip the prefill graph (and its full copy of
         the weights on the GPU). Returns the logits of whichever graph ran last."""

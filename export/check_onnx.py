@@ -5,6 +5,12 @@
 For each graph it writes polygraphy inputs (a prefill-shaped and a decode-shaped feed) and the torch
 outputs for them, then runs `polygraphy run GRAPH --onnxrt --load-inputs ... --load-outputs ...`
 (printed, so it can be re-run by hand). Checkpoints default to the ones recorded in manifest.json.
+
+Quantized graphs (make export DTYPE=int4|int8) are checked against their own float32 reference: the
+torch model holding the very weights the graphs store, dequantized (export.quantize.dequantized_weights),
+within export.quantize.QUANTIZED_RTOL x max |reference| per output. That catches a broken graph (a weight
+packed into the wrong place), not the quantization error, which is then reported against the float32
+graphs they were made from (export.quantize.agreement: numbers, no gate).
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from engines.manifest import CODEC_DECODER, Manifest, ManifestError
 
 from .llm import Mode, load_backbone
 from .onnx_export import DTYPES
+from .quantize import QUANTIZED_RTOL, dequantized_weights, distance_report, scheme
+from .streamed import GRAPH_MODES
 
 ATOL = {"float32": 1e-4, "float16": 1e-2}  # README: fp16 graphs vs the float32 reference
-GRAPH_MODES = {"prefill": Mode.MIXED, "text": Mode.TEXT, "audio": Mode.AUDIO}
 
 
 def _backbone_feeds(config, mode: Mode, dtype: np.dtype, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
@@ -74,14 +81,26 @@ def _codec_feeds(rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
     return [{"codes": rng.integers(0, 1024, (b, 8, t)).astype(np.int64)} for b, t in ((1, 1), (2, 7), (1, 50))]
 
 
-def _polygraphy(graph: Path, feeds: list[dict], outputs: list[dict], atol: float, work: Path) -> bool:
+def _load_dequantized(model, artifacts: Path) -> None:
+    """Give `model` the weights the quantized graphs in `artifacts` compute with."""
+    params = dict(model.named_parameters())
+    for name, weight in dequantized_weights(artifacts):
+        params[name].copy_(torch.from_numpy(weight))
+
+
+def _quantized_atol(outputs: list[dict]) -> dict[str, float]:
+    return {name: QUANTIZED_RTOL * max(float(np.abs(o[name]).max()) for o in outputs) for name in outputs[0]}
+
+
+def _polygraphy(graph: Path, feeds: list[dict], outputs: list[dict], atol: float | dict[str, float], work: Path) -> bool:
     inputs, reference = work / f"{graph.stem}.inputs.json", work / f"{graph.stem}.torch.json"
     save_json(feeds, str(inputs))
     results = [IterationResult({k: np.asarray(v) for k, v in o.items()}, runner_name="torch") for o in outputs]
     RunResults([("torch", results)]).save(str(reference))
     command = [
         str(Path(sys.executable).parent / "polygraphy"), "run", str(graph), "--onnxrt",
-        "--load-inputs", str(inputs), "--load-outputs", str(reference), "--atol", str(atol), "--rtol", "0",
+        "--load-inputs", str(inputs), "--load-outputs", str(reference), "--rtol", "0",
+        "--atol", *([f"{name}:{value:.3g}" for name, value in atol.items()] if isinstance(atol, dict) else [str(atol)]),
     ]
     print("$ polygraphy " + " ".join(command[1:]), flush=True)
     result = subprocess.run(command, capture_output=True, text=True)
@@ -95,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, help="LLM checkpoint (default: the one in manifest.json)")
     parser.add_argument("--codec", type=Path, help="codec checkpoint (default: the one in manifest.json)")
+    parser.add_argument("--graphs", nargs="+", choices=[*GRAPH_MODES, CODEC_DECODER], default=[*GRAPH_MODES, CODEC_DECODER],
+                        help="check only these graphs (default: all)")
     args = parser.parse_args(argv)
     try:
         manifest = Manifest.load(args.artifacts)
@@ -106,14 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("bfloat16 graphs do not run on ONNX Runtime CPU; check them on TensorRT with make check-engine")
     dtype = DTYPES[manifest.dtype]
     model = load_backbone(checkpoint, dtype)
+    quantization = scheme(args.artifacts)
+    if quantization:
+        print(f"check-onnx: int{quantization['bits']} graphs against the float32 model holding their dequantized weights")
+        _load_dequantized(model, args.artifacts)
     rng = np.random.default_rng(0)
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for key, mode in GRAPH_MODES.items():
+            if key not in args.graphs:
+                continue
             feeds = _backbone_feeds(model.config, mode, torch.empty(0, dtype=dtype).numpy().dtype, rng)
             outputs = [_backbone_outputs(model, mode, feed) for feed in feeds]
-            ok &= _polygraphy(manifest.graph_path(key), feeds, outputs, ATOL[manifest.dtype], Path(tmp))
-        if codec_dir is not None and manifest.has(CODEC_DECODER):
+            atol = _quantized_atol(outputs) if quantization else ATOL[manifest.dtype]
+            ok &= _polygraphy(manifest.graph_path(key), feeds, outputs, atol, Path(tmp))
+        if codec_dir is not None and manifest.has(CODEC_DECODER) and CODEC_DECODER in args.graphs:
             from .codec import load_codec
 
             codec = load_codec(codec_dir)
@@ -121,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 outputs = [{"audio": codec.decode(torch.from_numpy(f["codes"])).numpy()} for f in feeds]
             ok &= _polygraphy(manifest.graph_path(CODEC_DECODER), feeds, outputs, 1e-5, Path(tmp))
+    del model
+    if quantization:
+        print("check-onnx: " + distance_report(args.artifacts), flush=True)
     print("check-onnx: " + ("all graphs match the torch reference" if ok else "MISMATCH (see above)"))
     return 0 if ok else 1
 

@@ -114,13 +114,9 @@ def _read(path: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def load_state_dict(
-    checkpoint_dir: str | Path,
-    config: HiggsConfig,
-    dtype: torch.dtype = torch.float32,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Read and check every tensor; returns bosonai names -> tensors in `dtype`."""
+def tensor_loaders(checkpoint_dir: str | Path, config: HiggsConfig) -> dict[str, Callable[[], torch.Tensor]]:
+    """Check every tensor's name and shape; returns bosonai names (in `expected_shapes` order) -> a loader
+    that reads that one tensor in the checkpoint's dtype (export/streamed.py reads them one at a time)."""
     files = checkpoint_files(checkpoint_dir)
     expected = expected_shapes(config)
     found: dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]] = {}
@@ -164,10 +160,20 @@ def load_state_dict(
         problems.append(f"mis-shaped tensors ({len(wrong)}): {wrong[:8]}")
     if problems:
         raise CheckpointError(f"checkpoint {checkpoint_dir} does not match its config.json: " + "; ".join(problems))
+    return {name: found[name][0] for name in expected}
 
+
+def load_state_dict(
+    checkpoint_dir: str | Path,
+    config: HiggsConfig,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read and check every tensor; returns bosonai names -> tensors in `dtype`."""
+    loaders = tensor_loaders(checkpoint_dir, config)
     state: dict[str, torch.Tensor] = {}
-    for count, name in enumerate(expected, 1):
-        state[name] = found[name][0]().to(dtype)
+    for count, (name, load) in enumerate(loaders.items(), 1):
+        state[name] = load().to(dtype)
         if progress:
-            progress(count, len(expected))
+            progress(count, len(loaders))
     return state

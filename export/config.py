@@ -16,6 +16,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from engines import tokens
+from engines.manifest import ModelSpec
+
 
 class ConfigError(ValueError):
     """config.json describes something we cannot load faithfully."""
@@ -31,37 +34,15 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
 
 
-@dataclasses.dataclass(frozen=True)
-class HiggsConfig:
-    """Everything the backbone and the decode loop need; every size comes from config.json."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HiggsConfig(ModelSpec):
+    """Everything the backbone and the decode loop need; every size comes from config.json. The
+    `ModelSpec` part (sizes, token and stream ids) is what the manifest carries to engines/."""
 
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
     intermediate_size: int
-    vocab_size: int
     rms_norm_eps: float
     rope: RopeConfig
-    num_codebooks: int
-    codebook_size: int  # real codes 0..codebook_size-1
-    stream_bos_id: int
-    stream_eos_id: int
-    audio_in_token_id: int = 128015
-    audio_out_token_id: int = 128016
-    audio_out_bos_token_id: int = 128013
-    audio_eos_token_id: int = 128012
-    audio_bos_token_id: int = 128011
-    bos_token_id: int = 128000
-    eos_token_id: int = 128001
-    eot_token_id: int = 128009
     layout: str = "higgs_audio"  # which config.json layout it came from
-
-    @property
-    def codebook_stride(self) -> int:
-        """Rows per codebook in the audio embedding / head: codes + stream BOS + stream EOS."""
-        return self.codebook_size + 2
 
     @property
     def kv_dim(self) -> int:
@@ -167,15 +148,15 @@ def _from_upstream(raw: dict, where: str) -> HiggsConfig:
         **sizes,
         rope=_rope_from(text, where + " text_config"),
         num_codebooks=int(raw.get("audio_num_codebooks", 12)),
-        codebook_size=int(raw.get("audio_codebook_size", 1024)),
-        stream_bos_id=int(raw.get("audio_stream_bos_id", 1024)),
-        stream_eos_id=int(raw.get("audio_stream_eos_id", 1025)),
-        audio_in_token_id=int(raw.get("audio_in_token_idx", 128015)),
-        audio_out_token_id=int(raw.get("audio_out_token_idx", 128016)),
-        audio_out_bos_token_id=int(raw.get("audio_out_bos_token_id", 128013)),
-        audio_eos_token_id=int(raw.get("audio_eos_token_id", 128012)),
-        bos_token_id=int(text.get("bos_token_id") or 128000),
-        eos_token_id=int(text.get("eos_token_id") or 128001),
+        codebook_size=int(raw.get("audio_codebook_size", tokens.CODEBOOK_SIZE)),
+        stream_bos_id=int(raw.get("audio_stream_bos_id", tokens.STREAM_BOS)),
+        stream_eos_id=int(raw.get("audio_stream_eos_id", tokens.STREAM_EOS)),
+        audio_in_token_id=int(raw.get("audio_in_token_idx", tokens.AUDIO_IN)),
+        audio_out_token_id=int(raw.get("audio_out_token_idx", tokens.AUDIO_OUT)),
+        audio_out_bos_token_id=int(raw.get("audio_out_bos_token_id", tokens.AUDIO_OUT_BOS)),
+        audio_eos_token_id=int(raw.get("audio_eos_token_id", tokens.AUDIO_EOS)),
+        bos_token_id=int(text.get("bos_token_id") or tokens.BEGIN_OF_TEXT),
+        eos_token_id=int(text.get("eos_token_id") or tokens.END_OF_TEXT),
         layout="higgs_audio",
     )
 
@@ -192,12 +173,12 @@ def _from_transformers(raw: dict, where: str) -> HiggsConfig:
         rope=_rope_from(raw, where),
         num_codebooks=int(raw.get("num_codebooks", 8)),
         codebook_size=stride - 2,
-        stream_bos_id=int(raw.get("audio_stream_bos_id", 1024)),
-        stream_eos_id=int(raw.get("audio_stream_eos_id", 1025)),
-        audio_out_token_id=int(raw.get("audio_token_id", 128016)),
-        audio_out_bos_token_id=int(raw.get("audio_bos_token_id", 128013)),
+        stream_bos_id=int(raw.get("audio_stream_bos_id", tokens.STREAM_BOS)),
+        stream_eos_id=int(raw.get("audio_stream_eos_id", tokens.STREAM_EOS)),
+        audio_out_token_id=int(raw.get("audio_token_id", tokens.AUDIO_OUT)),
+        audio_out_bos_token_id=int(raw.get("audio_bos_token_id", tokens.AUDIO_OUT_BOS)),
         layout="higgs_audio_v2",
-        eot_token_id=int(eos[0] if isinstance(eos, list) else (eos or 128009)),
+        eot_token_id=int(eos[0] if isinstance(eos, list) else (eos or tokens.EOT)),
     )
 
 

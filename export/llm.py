@@ -13,11 +13,13 @@ One model file, explicit KV cache in and out (gpt-fast style), written to be exp
 The KV cache is a static per-slot buffer (batch, kv_heads, max_len, head_dim) per layer. New K/V are
 written at `cache_lengths[b]`; attention reads the buffer with the mask `key <= position`. In eager
 mode the write is in place; for export it is the functional `higgs::kv_write` op, which becomes ONNX
-`TensorScatter` (in place once the runtime binds present to past).
+`TensorScatter` (in place once the runtime binds present to past). What the layers of one call share
+(mode and routing mask, rotary tables, attention mask, cache offsets) travels as one `StepContext`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from pathlib import Path
@@ -37,6 +39,21 @@ class Mode(enum.Enum):
     MIXED = "mixed"
     TEXT = "text"
     AUDIO = "audio"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What every layer of one forward call shares, built once in `hidden_states` (gpt-fast passes
+    `input_pos` and `mask` to its blocks the same way). B rows, T new positions, S = cache length."""
+
+    mode: Mode
+    audio_mask: torch.Tensor | None  # (B, T) bool, MIXED only: True at audio positions (routing)
+    cos: torch.Tensor  # (B, 1, T, head_dim) rotary tables of the new positions
+    sin: torch.Tensor
+    mask: torch.Tensor  # (B, 1, T, S) bool: key_index <= position
+    cache_lengths: torch.Tensor  # (B,) int64: where the new K/V are written
+    kv_length: torch.Tensor  # (B,) int64: cache_lengths + T, valid keys per row
+    functional: bool  # write the cache with `kv_write` (export) instead of in place (eager)
 
 
 # --- the two ops that have a dedicated ONNX form -------------------------------------------------
@@ -138,18 +155,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.kv_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, past: KV, cache_lengths, mask, kv_length, functional: bool):
+    def forward(self, x: torch.Tensor, ctx: StepContext, past: KV) -> tuple[torch.Tensor, KV]:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = (q * cos + rotate_half(q) * sin) * self.q_scale
-        k = k * cos + rotate_half(k) * sin
-        if functional:
-            present = (kv_write(past[0], k, cache_lengths), kv_write(past[1], v, cache_lengths))
-        else:
-            present = (_scatter_kv_(past[0], k, cache_lengths), _scatter_kv_(past[1], v, cache_lengths))
-        out = attention(q, present[0], present[1], mask, kv_length)
+        q = (q * ctx.cos + rotate_half(q) * ctx.sin) * self.q_scale
+        k = k * ctx.cos + rotate_half(k) * ctx.sin
+        write = kv_write if ctx.functional else _scatter_kv_
+        present = (write(past[0], k, ctx.cache_lengths), write(past[1], v, ctx.cache_lengths))
+        out = attention(q, present[0], present[1], ctx.mask, ctx.kv_length)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), present
 
 
@@ -167,20 +182,20 @@ class DecoderLayer(nn.Module):
         self.audio_input_layernorm = RMSNorm(h, eps)
         self.audio_post_attention_layernorm = RMSNorm(h, eps)
 
-    def _route(self, mode: Mode, audio_mask, x, text_fn, audio_fn):
-        if mode is Mode.TEXT:
+    @staticmethod
+    def _route(ctx: StepContext, x, text_fn, audio_fn):
+        if ctx.mode is Mode.TEXT:
             return text_fn(x)
-        if mode is Mode.AUDIO:
+        if ctx.mode is Mode.AUDIO:
             return audio_fn(x)
-        return torch.where(audio_mask[..., None], audio_fn(x), text_fn(x))
+        return torch.where(ctx.audio_mask[..., None], audio_fn(x), text_fn(x))
 
-    def forward(self, x, mode: Mode, audio_mask, cos, sin, past: KV, cache_lengths, mask, kv_length, functional):
-        normed = self._route(mode, audio_mask, x, self.input_layernorm, self.audio_input_layernorm)
-        attn_out, present = self.self_attn(normed, cos, sin, past, cache_lengths, mask, kv_length, functional)
+    def forward(self, x: torch.Tensor, ctx: StepContext, past: KV) -> tuple[torch.Tensor, KV]:
+        normed = self._route(ctx, x, self.input_layernorm, self.audio_input_layernorm)
+        attn_out, present = self.self_attn(normed, ctx, past)
         h = x + attn_out
         ffn = self._route(
-            mode,
-            audio_mask,
+            ctx,
             h,
             lambda t: self.mlp(self.post_attention_layernorm(t)),
             lambda t: self.audio_mlp(self.audio_post_attention_layernorm(t)),
@@ -237,19 +252,29 @@ class HiggsAudioBackbone(nn.Module):
     ) -> tuple[torch.Tensor, list[KV]]:
         """Final-norm hidden states of the T new positions (B, T, H) and the updated caches."""
         x = self.embed(mode, input_ids, audio_codes, audio_mask)
-        batch, length, _ = x.shape
-        max_len = past[0][0].shape[2]
+        ctx = self._step_context(mode, audio_mask, cache_lengths, x, max_len=past[0][0].shape[2])
+        present = []
+        for layer, layer_past in zip(self.layers, past):
+            x, layer_present = layer(x, ctx, layer_past)
+            present.append(layer_present)
+        return self.norm(x), present
+
+    def _step_context(self, mode: Mode, audio_mask, cache_lengths, x: torch.Tensor, max_len: int) -> StepContext:
+        """Rotary tables, attention mask and cache offsets of the T new positions of `x` (B, T, H)."""
+        length = x.shape[1]
         positions = cache_lengths[:, None] + torch.arange(length, device=x.device)  # (B, T)
         angles = positions[..., None].float() * self.inv_freq.to(x.device)
         emb = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, head_dim)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = (torch.arange(max_len, device=x.device) <= positions[..., None])[:, None]  # (B, 1, T, S)
-        kv_length = cache_lengths + length
-        present = []
-        for layer, layer_past in zip(self.layers, past):
-            x, layer_present = layer(x, mode, audio_mask, cos, sin, layer_past, cache_lengths, mask, kv_length, self.functional_cache)
-            present.append(layer_present)
-        return self.norm(x), present
+        return StepContext(
+            mode=mode,
+            audio_mask=audio_mask,
+            cos=emb.cos().to(x.dtype),
+            sin=emb.sin().to(x.dtype),
+            mask=(torch.arange(max_len, device=x.device) <= positions[..., None])[:, None],  # (B, 1, T, S)
+            cache_lengths=cache_lengths,
+            kv_length=cache_lengths + length,
+            functional=self.functional_cache,
+        )
 
     def text_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.audio_decoder_proj.text_lm_head(hidden).float()

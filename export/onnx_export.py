@@ -31,7 +31,7 @@ import onnxscript
 import torch
 from torch import nn
 
-from engines.manifest import BACKBONE_GRAPHS, WEIGHTS_FILE
+from engines.manifest import BACKBONE_GRAPHS, MANIFEST_FILE, WEIGHTS_FILE
 
 from .llm import KV, HiggsAudioBackbone, Mode
 
@@ -89,6 +89,11 @@ def _graph_io(mode: Mode, num_layers: int) -> tuple[list[str], list[str]]:
 
 def export_backbone_graph(model: HiggsAudioBackbone, mode: Mode, path: Path) -> None:
     """torch.onnx (dynamo) export of one mode to `path` (+ `path.data` external weights)."""
+    trace_backbone_graph(model, mode).save(str(path), external_data=True)
+
+
+def trace_backbone_graph(model: HiggsAudioBackbone, mode: Mode, optimize: bool = True):
+    """The torch.onnx (dynamo) ONNXProgram of one mode (export/streamed.py traces it on fake weights)."""
     cfg = model.config
     dtype = model.embed_tokens.weight.dtype
     batch, length, max_len = 3, 5, 32  # distinct sizes so no dimension gets specialised
@@ -121,12 +126,12 @@ def export_backbone_graph(model: HiggsAudioBackbone, mode: Mode, path: Path) -> 
                 output_names=output_names,
                 dynamic_shapes={"args": dynamic},
                 custom_translation_table=_translations(),
-                optimize=True,
+                optimize=optimize,
                 verbose=False,
             )
     finally:
         model.functional_cache = False
-    program.save(str(path), external_data=True)
+    return program
 
 
 # --- weights: one file, canonical names ------------------------------------------------------------
@@ -311,7 +316,7 @@ def copy_if_present(src: Path, dst: Path) -> bool:
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:
-    path = out_dir / "manifest.json"
+    path = out_dir / MANIFEST_FILE
     with open(path, "w") as f:
         json.dump(manifest, f, indent=2)
     return path

@@ -18,15 +18,9 @@ from pathlib import Path
 
 import torch
 
-from export.codec import (
-    POS_CONV,
-    CodecConfig,
-    HiggsCodec,
-    HubertConfig,
-    load_codec,
-    stored_weight_normed,
-    weight_norm_dim,
-)
+from export.codec import HiggsCodec, load_codec
+from export.codec_checkpoint import POS_CONV, stored_weight_normed, weight_norm_dim
+from export.codec_config import CodecConfig, HubertConfig
 
 # Widths upstream hard-codes (encoder 64, decoder 1024, semantic 768) and the config values.
 SIZES = {

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import os
 from pathlib import Path
 
 from engines.api import SamplingParams
+from engines.logs import setup_logging
 from serve.settings import Limits, ServeSettings
 
 
@@ -103,7 +103,7 @@ def settings_from_args(args: argparse.Namespace, environ=os.environ) -> ServeSet
 def build_engine(settings: ServeSettings, threads: int | None = None):
     """The decode loop for these settings, loaded but not started. `threads`: ONNX Runtime's
     intra-op threads (default: all cores; a Ray replica passes its CPU share)."""
-    from engines.generate import Engine  # imported here: parsing flags does not need the runtimes
+    from engines.loop import Engine  # imported here: parsing flags does not need the runtimes
     from engines.gpu_env import require_runtime
 
     require_runtime(settings.runtime)  # a GPU runtime that cannot run here fails now, naming the install
@@ -113,12 +113,13 @@ def build_engine(settings: ServeSettings, threads: int | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     settings = settings_from_args(args)
 
     import uvicorn
 
-    from serve.app import create_app, server_options
+    from serve.app import create_app
+    from serve.edge import server_options
 
     try:
         engine = build_engine(settings)

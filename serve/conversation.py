@@ -102,7 +102,7 @@ class RequestBuilder:
         template = SpeechRequest(
             messages=[],
             sampling=self._sampling(req, req.extra_body),
-            max_tokens=self._max_tokens(req.max_completion_tokens or req.max_tokens),
+            **self._max_tokens(req.max_completion_tokens or req.max_tokens),
             request_id=request_id,
         )
         if req.stop is not None:
@@ -125,7 +125,7 @@ class RequestBuilder:
         messages.append(Message("user", (req.input,)))
         self._check_text(messages, "input")
         template = SpeechRequest(messages=[], sampling=self._sampling(req, None),
-                                 max_tokens=self._max_tokens(req.max_completion_tokens), request_id=request_id)
+                                 **self._max_tokens(req.max_completion_tokens), request_id=request_id)
         normalizing = self._settings.normalize_text if req.normalize_text is None else req.normalize_text
         return await self._plan(messages, voice, template, normalizing)
 
@@ -211,12 +211,16 @@ class RequestBuilder:
             raise APIError(400, f"{count} reference clips; the limit is {self._limits.max_references}",
                            param="messages")
 
-    def _max_tokens(self, requested: int | None) -> int:
+    def _max_tokens(self, requested: int | None) -> dict:
+        """The SpeechRequest fields of the client's max, or of the server default when it names none
+        (which the engine lowers to what fits beside the prompt)."""
         limit = self._limits.max_completion_tokens
         if requested is not None and requested > limit:
             raise APIError(400, f"max_completion_tokens {requested} exceeds this server's limit of {limit} "
                            "(one token = one 40 ms audio frame)", param="max_completion_tokens")
-        return requested or self._limits.default_max_tokens
+        if requested is None:
+            return {"max_tokens": self._limits.default_max_tokens, "max_tokens_defaulted": True}
+        return {"max_tokens": requested}
 
     def _sampling(self, req: SamplingFields, extra: SamplingFields | None) -> SamplingParams:
         """Request field, else the same field in a literal extra_body, else the server default."""

@@ -89,11 +89,14 @@ class LongText:
     carry: int
 
     def request(self, index: int, history: list[tuple[Message, Message]]) -> SpeechRequest:
+        """Chunk `index` after the carried `history`. A defaulted max_tokens yields to the KV cache only
+        without history: with some, dropping carried chunks (`LongTextGeneration`) makes room first."""
         turns = [m for pair in history for m in pair]
-        return dataclasses.replace(self.template, messages=[*self.context, *turns, Message("user", self.chunks[index])])
+        return dataclasses.replace(self.template, messages=[*self.context, *turns, Message("user", self.chunks[index])],
+                                   max_tokens_defaulted=self.template.max_tokens_defaulted and not history)
 
 
-Submit = Callable[[SpeechRequest, bool], object]  # (request, may shrink max_tokens) -> engines.api.Generation
+Submit = Callable[[SpeechRequest], object]  # request -> engines.api.Generation
 
 
 class LongTextGeneration:
@@ -104,14 +107,13 @@ class LongTextGeneration:
     4xx as a short request's. Each later chunk is submitted when the one before has finished; when
     its prompt with all carried chunks leaves no room for max_tokens in the KV cache, the oldest
     carried chunk is dropped first, and only without any carried chunk does a default max_tokens
-    shrink to what fits (as for a short request)."""
+    shrink to what fits (as for a short request, `LongText.request`)."""
 
-    def __init__(self, plan: LongText, submit: Submit, default_max: bool):
+    def __init__(self, plan: LongText, submit: Submit):
         self.plan = plan
         self._submit = submit
-        self._default_max = default_max
         self._cancelled = False
-        self._current = submit(plan.request(0, []), default_max)
+        self._current = submit(plan.request(0, []))
         self.request = self._current.request
 
     def cancel(self) -> None:
@@ -161,7 +163,7 @@ class LongTextGeneration:
         carried = list(history)
         while not self._cancelled:
             try:
-                self._current = self._submit(self.plan.request(index, carried), self._default_max and not carried)
+                self._current = self._submit(self.plan.request(index, carried))
                 return None
             except APIError as error:
                 if error.status == 429:  # the queue is full: wait for room rather than fail mid-stream
@@ -170,8 +172,8 @@ class LongTextGeneration:
                     carried = carried[1:]
                 else:
                     log.error("req %s: long text chunk %d: %s", self.request.request_id, index + 1, error.message)
-                    return Finished("error", None, 0, 0, 0.0, error=error.message)
-        return Finished("cancelled", None, 0, 0, 0.0)
+                    return Finished(finish_reason="error", error=error.message)
+        return Finished(finish_reason="cancelled")
 
 
 def _total(parts: list[Finished], cancelled: bool, audio_seconds: float) -> Finished:
@@ -183,9 +185,10 @@ def _total(parts: list[Finished], cancelled: bool, audio_seconds: float) -> Fini
     reason = "cancelled" if cancelled else last.finish_reason
     if reason == "stop" and "length" in reasons:
         reason = "length"
-    return Finished(reason, last.stop_reason if reason == last.finish_reason else None,
-                    sum(p.prompt_tokens for p in parts), sum(p.completion_tokens for p in parts),
-                    audio_seconds, error=last.error,
+    return Finished(finish_reason=reason, stop_reason=last.stop_reason if reason == last.finish_reason else None,
+                    prompt_tokens=sum(p.prompt_tokens for p in parts),
+                    completion_tokens=sum(p.completion_tokens for p in parts),
+                    audio_seconds=audio_seconds, error=last.error,
                     segments=tuple(s for p in parts for s in p.segments),
                     text_ids=tuple(t for p in parts for t in p.text_ids))
 

@@ -31,7 +31,7 @@ _WHY = {
     501: "not available on this server (e.g. voice cloning without the codec encoder)",
     503: "model loading or server shutting down (Retry-After)",
 }
-# what any request may get before it reaches its handler (serve/app.py EdgeMiddleware, serve/errors.py)
+# what any request may get before it reaches its handler (serve/edge.py, serve/errors.py)
 _EDGE = (400, 401, 408, 413, 500)
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 # one server-sent event, as OpenAPI < 3.2 has `schema` describe each event of a stream

@@ -22,6 +22,8 @@ import time
 from starlette.datastructures import MutableHeaders
 
 from engines.gpu_env import require_runtime
+from engines.logs import setup_logging
+from engines.manifest import MANIFEST_FILE
 from serve.__main__ import build_engine, parser as serve_parser, settings_from_args
 from serve.app import create_app
 from serve.settings import ServeSettings
@@ -32,7 +34,6 @@ APP_NAME = "higgs"
 DEPLOYMENT_NAME = "HiggsReplica"
 REPLICA_HEADER = "x-replica-id"
 INSTALL = "pip install -e '.[ray]'"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # python -m serve's
 MIRROR_PERIOD_S = 5.0  # Ray's exporter itself reports every 10 s (metrics_report_interval_ms)
 
 
@@ -52,7 +53,7 @@ class HiggsReplica:
 
         # Ray sets up its own loggers in a replica, not ours: without this our INFO lines (requests,
         # first audio, finish) would not reach the replica's log file
-        logging.basicConfig(format=LOG_FORMAT)
+        setup_logging(logging.WARNING)
         for name in ("serve", "engines"):
             logging.getLogger(name).setLevel(log_level.upper())
         self.settings = settings
@@ -75,7 +76,7 @@ class HiggsReplica:
         engine = self.engine
         if not engine.ready():
             raise RuntimeError("engine is not ready")
-        steps, busy = engine.stats["steps"], bool(engine.active_requests() or engine.queue_depth())
+        steps, busy = engine.stats.steps, bool(engine.active_requests() or engine.queue_depth())
         stalled = busy and self._last_check == (steps, True)
         self._last_check = (steps, busy)
         if stalled:
@@ -209,14 +210,14 @@ def build(config: dict):
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    setup_logging(args.log_level)
     try:
         import ray
         from ray import serve as ray_serve
     except ImportError:
         raise SystemExit(f"error: Ray Serve is not installed: {INSTALL}") from None
     if args.address is None:  # replicas run here: fail now rather than in Ray's constructor retries
-        if not (args.artifacts / "manifest.json").is_file():
+        if not (args.artifacts / MANIFEST_FILE).is_file():
             raise SystemExit(f"error: {args.artifacts}/manifest.json not found: run make export OUT={args.artifacts}")
         try:
             require_runtime(args.runtime)

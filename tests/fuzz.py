@@ -11,7 +11,6 @@ schemathesis's, or 1 when the server process died under the fuzzer.
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,14 +19,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench is not an installed package
+
+from bench.common import free_port  # noqa: E402
+
 CONFIG = Path(__file__).with_name("fuzz.toml").resolve()
 WORK = Path("build/fuzz")  # schemathesis keeps its cache of found failures (replayed first) in its cwd
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
@@ -52,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.artifacts / "manifest.json").is_file():
         raise SystemExit(f"error: {args.artifacts}/manifest.json is missing: run `make tiny` and `make demo` first")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as voices:
         server = subprocess.Popen([sys.executable, "-m", "serve", "--artifacts", str(args.artifacts),

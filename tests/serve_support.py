@@ -1,7 +1,7 @@
 """Harness of the server tests: the real engine on the tiny default model, a live uvicorn server,
 a recorder on the engine, voice presets.
 
-Every server test runs `engines.generate.Engine` (ONNX Runtime, CPU) built from the
+Every server test runs `engines.loop.Engine` (ONNX Runtime, CPU) built from the
 `tiny_artifacts` session fixture (tests/conftest.py): real prompts, real sampling, real codec
 decode and encode. The tiny model is random, so its audio is noise of a seed-dependent length;
 tests that need a long or short generation pick their seed (and max_completion_tokens) for it.
@@ -23,8 +23,9 @@ import soundfile
 import uvicorn
 
 from engines.api import Finished, SpeechRequest
-from engines.generate import Engine
-from serve.app import create_app, server_options
+from engines.loop import Engine
+from serve.app import create_app
+from serve.edge import server_options
 from serve.settings import Limits, ServeSettings
 
 MODEL = "higgs-audio-v2"

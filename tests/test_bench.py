@@ -1,5 +1,5 @@
-"""The benchmark's pure helpers (bench/common.py): formatting, the docs section writer, and the
-child peak-RSS measurement. No benchmark runs here and nothing is timed."""
+"""The benchmark's pure helpers (bench/common.py): formatting, the docs section writer; and the
+child peak-RSS measurement (bench/profiling.py). No benchmark runs here and nothing is timed."""
 
 from __future__ import annotations
 
@@ -8,24 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import (
-    CPU_HEADING,
-    format_table,
-    fmt_bytes,
-    fmt_ms,
-    fmt_pct,
-    fmt_ratio,
-    interleaved,
-    median,
-    proc_stat_busy_idle,
-    ratio,
-    replace_section,
-    reported_peak,
-    run_measured,
-    spread,
-    status_field_bytes,
-    write_doc_section,
-)
+from bench.common import (CPU_HEADING, fmt_bytes, fmt_ms, fmt_pct, fmt_ratio, format_table, interleaved, median, ratio,
+                          replace_section, spread, write_doc_section)
+from bench.profiling import proc_stat_busy_idle, reported_peak, run_measured, status_field_bytes
 
 MiB = 1 << 20
 linux_only = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")

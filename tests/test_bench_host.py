@@ -1,10 +1,10 @@
-"""bench/host.py ("host overhead per step") drives the real Engine: the zero-cost runtime and the
+"""bench/sections/host.py ("host overhead per step") drives the real Engine: the zero-cost runtime and the
 sampler stand-in keep every request in its audio segment through the timed steps. Nothing is timed here."""
 
 import numpy as np
 import pytest
 
-from bench.host import host_step_seconds, sampling_modes, zero_cost_sampler
+from bench.sections.host import host_step_seconds, sampling_modes, zero_cost_sampler
 from engines.manifest import Manifest
 from engines.prompt import PromptRenderer
 from engines.sampling import HostSampler

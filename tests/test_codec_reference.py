@@ -12,7 +12,9 @@ import torch
 from goldens import DECODE_ATOL, ENCODE_RTOL, CODEC_GOLDEN as GOLDEN, LAYOUTS, cases, rel_err, requires_golden
 
 from engines.codec import EncodeGeometry
-from export.codec import POS_CONV, CodecCheckpointError, load_codec
+from export.codec import load_codec
+from export.codec_checkpoint import POS_CONV
+from export.codec_config import CodecCheckpointError
 
 pytestmark = requires_golden
 DECODE_CASES = ["dec_T1", "dec_T7", "dec_T50", "dec_T7_nq4"]

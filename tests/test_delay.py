@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 
 from engines.delay import (
-    STREAM_BOS,
-    STREAM_EOS,
     ColumnLog,
     DelayRamps,
     delay_pattern,
     delayed_to_codes,
     revert_delay,
 )
+from engines.tokens import STREAM_BOS, STREAM_EOS
 from goldens import load as _golden
 
 RUNS = [(d, c) for d in ("llm_tiny", "llm_tiny_eos3") for c in ("zero_shot", "voice_clone")]

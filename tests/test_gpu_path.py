@@ -16,7 +16,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engines.build_engine import static_cache_graph
 from engines.gpu_env import GpuUnavailable, driver_cuda_version, require_runtime
 from engines.graph_edit import edited_graph, unmasked_single_token_attention
 from engines.manifest import STEP_GRAPHS, Manifest
@@ -31,6 +30,7 @@ from engines.ort_runtime import (
     session_options,
     stray_heavy_nodes,
 )
+from engines.trt.static_cache import static_cache_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA_EP = CUDA_EP in ort.get_available_providers()

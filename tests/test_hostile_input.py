@@ -424,6 +424,8 @@ def test_voice_name_collisions_and_bad_names(live, name):
 def test_voice_quota_and_delete(live):
     voices_dir = live.settings.voices_dir
     before = sorted(p.name for p in voices_dir.iterdir())
+    deletes = {status: live.metric("higgs_requests_total", endpoint="/v1/audio/voices/{name}", status=status)
+               for status in ("200", "403", "404")}
     for i in range(LIMITS.max_uploaded_voices):
         assert _upload(live, f"q{i}", tone_wav()).status_code == 201
     _assert_error(_upload(live, "one-more", tone_wav()), 429, "voice_quota_exceeded")
@@ -438,6 +440,10 @@ def test_voice_quota_and_delete(live):
     for name in ("q1", "q2", "one-more"):
         assert httpx.delete(f"{live.url}/v1/audio/voices/{name}").status_code == 200
     assert sorted(p.name for p in voices_dir.iterdir()) == before
+    # deletes are counted under their route's template (one label for every voice name), not as "other"
+    expected = {"200": deletes["200"] + 4, "403": deletes["403"] + 1, "404": deletes["404"] + 1}
+    wait_for(lambda: {status: live.metric("higgs_requests_total", endpoint="/v1/audio/voices/{name}", status=status)
+                      for status in expected} == expected, 5, "delete requests counted")
 
 
 # ---------------------------------------------------------------------------------------------

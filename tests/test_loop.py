@@ -13,7 +13,7 @@ import pytest
 from engines.api import AudioChunk, Finished, SamplingParams, SpeechRequest
 from engines.codec import CodecDecoder
 from engines.delay import delayed_to_codes
-from engines.generate import Engine
+from engines.loop import Engine
 from engines.manifest import Manifest
 from engines.ort_runtime import OrtBackbone
 from engines.prompt import tts_messages
@@ -221,3 +221,16 @@ def test_cli_explains_a_missing_export(tmp_path):
     result = subprocess.run([sys.executable, "-m", "engines.generate", "--artifacts", str(tmp_path), "--text", "x"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "make export" in result.stderr
+
+
+def test_a_defaulted_max_tokens_yields_to_the_cache_an_explicit_one_is_refused(engine):
+    """The max_tokens policy (engines/admission.py): a max the server defaulted is lowered to the room
+    the prompt leaves in the KV cache; the same max chosen by the client is refused at submit."""
+    request = say("Fits.", sampling=GREEDY, max_tokens=5000, max_tokens_defaulted=True)
+    room = engine.runtime.capacity - engine.prompt_length(request)
+    (_, finished), = run(engine, request)
+    assert finished.finish_reason in ("stop", "length") and finished.completion_tokens <= room
+    assert finished.prompt_tokens == engine.prompt_length(request)
+    assert request.max_tokens == 5000  # nothing resubmitted with another max
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit(say("Fits.", sampling=GREEDY, max_tokens=5000))

@@ -12,15 +12,15 @@ from tokenizers import Tokenizer
 from engines.api import AudioCodes, Message, SpecialToken
 from engines.delay import delay_pattern
 from engines.prompt import (
-    AUDIO_OUT,
     MULTISPEAKER_INSTRUCTION,
     PromptRenderer,
     StopMatcher,
     content_text,
     expand_prompt,
-    mask_runs,
     tts_messages,
 )
+from engines.runtime import mask_runs
+from engines.tokens import AUDIO_OUT
 from export.tiny_tokenizer import special_tokens, write_tiny_tokenizer
 from goldens import load
 

@@ -1,9 +1,12 @@
 """Weight-only quantized backbone graphs (export/quantize.py): the packing against the MatMulNBits
-kernel, and the tiny export quantized end to end against its float32 graphs."""
+kernel, the tiny export quantized end to end against its float32 graphs, and the check-onnx / verify
+gate and report for quantized graphs (a misplaced weight must fail check-onnx), and the streamed export
+(export/streamed.py) against the torch exporter's graphs."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -11,7 +14,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from export import check_onnx
+from export.config import load_config
 from export.quantize import agreement, dequantize_blocks, quantize_artifacts, quantize_blocks
+from goldens import requires_golden
 
 
 def _matmul_nbits(codes, scales, k, n, bits, block_size):
@@ -98,3 +104,81 @@ def test_make_export_int8_keeps_its_float32_reference(tiny_checkpoint, tmp_path)
     assert manifest["quantization"]["bits"] == 8
     assert manifest["quantization"]["float32_source"] == str((out / "float32").resolve())
     assert json.loads((out / "float32" / "manifest.json").read_text())["dtype"] == "float32"
+
+
+def test_check_onnx_passes_quantized_graphs(int4, capsys):
+    """Gate: the float32 model holding the dequantized weights; report: distance from the float32 graphs."""
+    assert check_onnx.main(["--artifacts", str(int4), "--graphs", "prefill", "text", "audio"]) == 0
+    out = capsys.readouterr().out
+    assert "against the float32 model holding their dequantized weights" in out
+    assert "int4 vs the float32 graphs in" in out and "greedy frames equal over 200" in out
+
+
+def _swap_weights(graph, first: str, second: str) -> None:
+    """Point two MatMulNBits nodes at each other's codes and scales (a weight packed into the wrong place)."""
+    model = onnx.load(str(graph), load_external_data=False)
+    nodes = {node.input[1].rsplit(".", 1)[0]: node for node in model.graph.node if node.op_type == "MatMulNBits"}
+    a, b = nodes[first], nodes[second]
+    for i in (1, 2):
+        a.input[i], b.input[i] = b.input[i], a.input[i]
+    onnx.save(model, str(graph))
+
+
+@pytest.mark.parametrize("first, second", [
+    ("layers.0.self_attn.q_proj.weight", "layers.0.self_attn.o_proj.weight"),
+    ("layers.1.audio_mlp.gate_proj.weight", "layers.1.audio_mlp.up_proj.weight"),
+])
+def test_check_onnx_fails_a_misplaced_weight(int4, tmp_path, first, second):
+    broken = tmp_path / "broken"
+    shutil.copytree(int4, broken)
+    _swap_weights(broken / "backbone_audio.onnx", first, second)
+    assert check_onnx.main(["--artifacts", str(broken), "--graphs", "audio"]) == 1
+
+
+@requires_golden
+def test_verify_reports_quantized_distance(golden_artifacts, tmp_path, capsys):
+    """Goldens are float32: verify keeps the torch rows and reports the int8 graphs' distance instead of gating them."""
+    from export.verify import main
+    from goldens import GOLDEN_ROOT
+
+    int8 = quantize_artifacts(golden_artifacts("llm_tiny"), tmp_path / "int8", bits=8, log=lambda _: None).parent
+    args = ["--checkpoint", str(GOLDEN_ROOT / "llm_tiny"), "--golden", str(GOLDEN_ROOT / "llm_tiny"), "--artifacts", str(int8)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line.endswith(" ok") or line.endswith("FAIL")]
+    assert set(rows) == {"torch"} and "int8 vs the float32 graphs in" in out
+
+
+def _outputs(artifacts, config) -> list[np.ndarray]:
+    """Every backbone graph's outputs on check-onnx's feeds."""
+    results = []
+    for key, mode in check_onnx.GRAPH_MODES.items():
+        session = ort.InferenceSession(str(artifacts / f"backbone_{key}.onnx"), providers=["CPUExecutionProvider"])
+        for feed in check_onnx._backbone_feeds(config, mode, np.float32, np.random.default_rng(0)):
+            results += session.run(None, feed)
+    return results
+
+
+def test_streamed_float32_equals_the_torch_export(tiny_checkpoint, tiny_artifacts, tmp_path):
+    """Traced on fake weights, weights written from the checkpoint: the very graphs of the torch export."""
+    from export.streamed import export_streamed
+
+    config = load_config(tiny_checkpoint / "llm")
+    entries = export_streamed(tiny_checkpoint / "llm", config, tmp_path, bits=None, log=lambda _: None)
+    reference = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]
+    assert all(entries[key]["reads"] == reference[key]["reads"] for key in entries)
+    for got, want in zip(_outputs(tmp_path, config), _outputs(tiny_artifacts, config), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_make_export_int4_straight_from_the_checkpoint(tiny_checkpoint, int4, tmp_path):
+    """No float32 detour: the same graphs as quantizing the float32 export, without keeping its float32 graphs."""
+    from export.__main__ import main
+
+    out = tmp_path / "int4"
+    assert main(["--checkpoint", str(tiny_checkpoint / "llm"), "--out", str(out), "--dtype", "int4", "--no-float32-reference"]) == 0
+    assert not (out / "float32").exists()
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["float32_source"] is None
+    config = load_config(tiny_checkpoint / "llm")
+    for got, want in zip(_outputs(out, config), _outputs(int4, config), strict=True):
+        np.testing.assert_array_equal(got, want)

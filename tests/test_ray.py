@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 import soundfile
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.common import free_port
 from serve_support import MODEL, wait_for
 
 INSTALL = ".venv/bin/pip install -e '.[ray]'"
@@ -36,16 +36,10 @@ TEXT = "The quick brown fox jumps over the lazy dog."
 LONG = {"seed": 2, "temperature": 2.0, "max_completion_tokens": 1800}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def exporter_port() -> int:
     """The port of this node's Prometheus exporter of Ray's metrics."""
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +54,7 @@ def cluster(tiny_artifacts, exporter_port):
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False,
              _metrics_export_port=exporter_port, _system_config={"metrics_report_interval_ms": 1000})
     try:
-        port = _free_port()
+        port = free_port()
         ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build({"artifacts": str(tiny_artifacts), "replicas": 2, "max_batch": 4, "queue_size": 8,
                      "health_check_period": 2, "shutdown_timeout": 5})
@@ -323,8 +317,8 @@ def test_health_check_fails_a_loading_or_stalled_engine(tiny_artifacts):
             replica.check_health()
         engine.start()  # the worker picks the request up
         for _ in range(2):  # two checks with decode steps between them (Ray's are seconds apart)
-            steps = engine.stats["steps"]
-            wait_for(lambda: engine.stats["steps"] > steps, 30, "decode steps")
+            steps = engine.stats.steps
+            wait_for(lambda: engine.stats.steps > steps, 30, "decode steps")
             replica.check_health()
     finally:
         engine.shutdown(drain=False)

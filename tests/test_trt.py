@@ -1,5 +1,5 @@
 """TensorRT tooling. Without a GPU: the CLIs' failure without TensorRT, the engines.json checks, the
-static KV cache edit of the ONNX graphs, check_engine's feeds and polygraphy runner (driven by an
+static KV cache edit of the ONNX graphs, engines.trt.check's feeds and polygraphy runner (driven by an
 ONNX Runtime stand-in for TrtBackbone), and bench.gpu's arithmetic. With tensorrt and a GPU: engines
 built from the tiny artifacts against ONNX Runtime (skipped elsewhere, with the reason in -ra)."""
 
@@ -17,18 +17,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engines.build_engine import check_precision, fix_cache_dims, profile_ranges, profile_shapes, static_cache_graph
 from engines.manifest import Manifest
-from engines.trt_runtime import (
+from engines.trt.build import check_precision, profile_ranges, profile_shapes
+from engines.trt.device import MissingDependency
+from engines.trt.engine_dir import (
     ENGINES_FORMAT,
     ENGINES_JSON,
     EngineMismatch,
-    MissingDependency,
-    TrtBackbone,
     artifacts_fingerprint,
     engine_mismatches,
     load_engines_meta,
 )
+from engines.trt.runtime import TrtBackbone
+from engines.trt.static_cache import fix_cache_dims, static_cache_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -38,7 +39,7 @@ NO_TRT_REASON = "tensorrt not installed: pip install '.[gpu,trt]' on an NVIDIA m
 def require_gpu_tensorrt():
     """tensorrt, cuda-python and a CUDA device, or skip with the reason (visible in pytest -ra)."""
     pytest.importorskip("tensorrt", reason=NO_TRT_REASON)
-    from engines.trt_runtime import Cuda
+    from engines.trt.device import Cuda
 
     try:
         Cuda().device()
@@ -53,8 +54,8 @@ def require_gpu_tensorrt():
 @pytest.mark.parametrize(
     "module, args",
     [
-        ("engines.build_engine", ["--precision", "fp16", "--max-batch", "2", "--max-len", "64", "--out"]),
-        ("engines.check_engine", ["--engines"]),
+        ("engines.trt.build", ["--precision", "fp16", "--max-batch", "2", "--max-len", "64", "--out"]),
+        ("engines.trt.check", ["--engines"]),
     ],
 )
 def test_cli_without_tensorrt_fails_fast_with_the_install_command(module, args, tmp_path):
@@ -210,11 +211,11 @@ def test_profiles_from_manifest_shapes(tiny_artifacts):
         profile_shapes(["batch", "frames"], decode, 64)
 
 
-# --- check_engine's plumbing, with ONNX Runtime standing in for TrtBackbone ---------------------
+# --- engines.trt.check's plumbing, with ONNX Runtime standing in for TrtBackbone ----------------
 
 
 class OrtStandIn:
-    """The TrtBackbone surface check_engine's runner uses, on ONNX Runtime CPU (a test double)."""
+    """The TrtBackbone surface engines.trt.check's runner uses, on ONNX Runtime CPU (a test double)."""
 
     def __init__(self, manifest: Manifest, batch: int, cache_len: int):
         from engines.ort_runtime import OrtBackbone
@@ -237,7 +238,7 @@ class OrtStandIn:
 
 
 def test_check_engine_feeds_and_runner(tiny_artifacts):
-    from engines import check_engine
+    from engines.trt import check as check_engine
 
     BaseRunner, OnnxrtRunner, SessionFromOnnx, TensorMetadata, Comparator, SimpleCompareFunc = check_engine.import_polygraphy()
     manifest = Manifest.load(tiny_artifacts)
@@ -306,7 +307,7 @@ def test_bench_table():
 @pytest.fixture(scope="module")
 def tiny_engines(tiny_artifacts, tmp_path_factory):
     require_gpu_tensorrt()
-    from engines import build_engine
+    from engines.trt import build as build_engine
 
     out = tmp_path_factory.mktemp("tiny-engines")
     args = ["--artifacts", str(tiny_artifacts), "--precision", "fp32", "--max-batch", "4", "--max-len", "128", "--out", str(out)]
@@ -359,6 +360,6 @@ def test_tensorrt_matches_onnxruntime(tiny_engines, tiny_artifacts):
 
 @pytest.mark.trt
 def test_check_engine_passes_on_tiny_engines(tiny_engines, tiny_artifacts):
-    from engines import check_engine
+    from engines.trt import check as check_engine
 
     assert check_engine.main(["--artifacts", str(tiny_artifacts), "--engines", str(tiny_engines), "--batch", "3"]) == 0

@@ -1,4 +1,4 @@
-"""`make bench` section "host overhead per step": the decode loop's own work between two backbone calls.
+"""`make bench` section 5 `host`: host overhead per step, the decode loop's own work between two backbone calls.
 
 On a GPU the host work of a step (sampling, RAS, the delay pattern, bookkeeping, events) adds to the
 device time of every step, so it is measured here with a backbone that costs nothing: the real
@@ -13,12 +13,13 @@ import time
 
 import numpy as np
 
-from .common import Section, fmt_ms
+from ..common import AUDIO_FRAME_RATE, Section, fmt_ms
+from ..profiling import calibrate, time_block
 
 WARMUP_STEPS = 20
 TIMED_STEPS = 100
 FLOOR_STEP_S = 1.7e-3  # H100 bandwidth floor of a 3B audio step at batch 64 (issue 12)
-FRAME_S = 0.04  # audio seconds per decode step
+FRAME_S = 1 / AUDIO_FRAME_RATE  # audio seconds per decode step
 
 
 def sampling_modes():
@@ -83,7 +84,7 @@ def host_step_seconds(manifest, batch: int, params, renderer, sampler=None) -> t
     the CPU engine's numpy sampling.
     """
     from engines.api import SpeechRequest
-    from engines.generate import Engine
+    from engines.loop import Engine
     from engines.prompt import tts_messages
 
     steps = WARMUP_STEPS + TIMED_STEPS
@@ -107,8 +108,6 @@ def ort_audio_step_seconds(manifest, batch: int, context: int = 200) -> float:
     """The real ORT CPU audio step of the same batch (tiny model), for the ratio."""
     from engines.ort_runtime import OrtBackbone
 
-    from .cpu import _calibrate, _time_block
-
     runtime = OrtBackbone(manifest, max_batch=batch, max_len=context + 64, prefill_graph=False)
     spec = manifest.model
     codes = np.random.default_rng(1).integers(0, spec.codebook_size, (batch, spec.num_codebooks))
@@ -117,7 +116,7 @@ def ort_audio_step_seconds(manifest, batch: int, context: int = 200) -> float:
     def step():
         runtime.audio_step(slots, codes, lengths)
 
-    return _time_block(step, _calibrate(step, 0.3))
+    return time_block(step, calibrate(step, 0.3))
 
 
 def ceiling(batch: int, host_s: float) -> float:

@@ -1,9 +1,10 @@
 """TensorRT backbone runtime: one engine per backbone graph, the KV cache and IO on one CUDA stream.
 
-Engines come from `python -m engines.build_engine` (default location: ARTIFACTS/engines, with
-`engines.json` beside them). `TrtBackbone` refuses engines that do not fit this machine or these
-artifacts (TensorRT version, GPU compute capability, artifacts re-exported since the build,
-requested max_batch / max_len beyond the built profiles) instead of failing somewhere inside TensorRT.
+Engines come from `python -m engines.trt.build` (default location: ARTIFACTS/engines, see
+engine_dir.py for what the directory holds). `TrtBackbone` refuses engines that do not fit this
+machine or these artifacts (TensorRT version, GPU compute capability, artifacts re-exported since the
+build, requested max_batch / max_len beyond the built profiles) instead of failing somewhere inside
+TensorRT.
 
 Memory is allocated once: the KV cache (per layer a K and a V buffer of (max_batch, kv_heads,
 max_len, head_dim), zeroed, because attention multiplies masked positions by zero and uninitialised
@@ -14,207 +15,43 @@ is updated in place. Token ids / codes / positions in and logits out are the onl
 
 Single-token calls (decode steps, length-1 runs of a split prefill) get an execution context per
 (graph, first slot, rows) whose shapes and addresses never change (decode steps always start at slot
-0 with 1, 2, 4, ... max_batch rows, see runtime.py, so there are a handful per graph); after its first (warm-up)
-execution the H2D copies, the engine and the D2H copies are captured into a CUDA graph, and later
-calls with that key replay it. Multi-token calls (prompts) go through one context per engine on the
-prefill optimization profile, without graphs. Audio sampling runs in the `audio_sampler` graph on
-ONNX Runtime's CUDA EP (engines/sampling.py `GraphSampler`, see docs/gpu.md); the logits reach it
-through the host.
+0 with 1, 2, 4, ... max_batch rows, see engines/runtime.py, so there are a handful per graph); after
+its first (warm-up) execution the H2D copies, the engine and the D2H copies are captured into a CUDA
+graph, and later calls with that key replay it. Multi-token calls (prompts) go through one context per
+engine on the prefill optimization profile, without graphs. Audio sampling runs in the `audio_sampler`
+graph on ONNX Runtime's CUDA EP (engines/sampling.py `GraphSampler`, see docs/gpu.md); the logits
+reach it through the host.
 """
 
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
-import hashlib
-import json
-import sys
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from .gpu_env import GpuUnavailable, require_driver, tensorrt_cuda_major
-from .manifest import BACKBONE_GRAPHS, WEIGHTS_FILE, Manifest
-from .runtime import BackboneRuntime
+from ..manifest import Manifest, ModelSpec
+from ..runtime import BackboneRuntime
+from .device import Cuda, engine_reader, import_tensorrt
+from .engine_dir import ENGINES_JSON, EngineMismatch, artifacts_fingerprint, engine_mismatches, load_engines_meta
 
-ENGINES_JSON = "engines.json"
-ENGINES_FORMAT = 1
-MIN_TENSORRT = (10, 15)  # first release importing ONNX TensorScatter as IKVCacheUpdateLayer
-PRECISION_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-CACHE_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
-INSTALL = (
-    "make setup-gpu (pip install '.[gpu,trt]') on an NVIDIA machine: tensorrt-cu13 >= 10.15 (the first TensorRT to "
-    "import ONNX TensorScatter as its KV cache update layer) and cuda-python 13.x, for CUDA 13 (driver 580+); see docs/gpu.md"
-)
+CACHE_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}  # bytes per KV cache element (numpy has no bfloat16)
 DEFAULT_STEP_GRAPHS = 64  # captured decode keys kept (each holds an execution context and a CUDA graph)
 
-
-class MissingDependency(RuntimeError):
-    """tensorrt or cuda-python is not importable (or too old); the message names the install command."""
+log = logging.getLogger(__name__)
 
 
-class EngineMismatch(RuntimeError):
-    """The engines in a directory cannot serve these artifacts on this machine; the message says why and how to fix."""
+def cache_row_bytes(spec: ModelSpec, dtype: str, cache_len: int) -> int:
+    """Bytes of one slot in one K or V buffer: (kv_heads, cache_len, head_dim) elements."""
+    return spec.num_kv_heads * cache_len * spec.head_dim * CACHE_ITEMSIZE[dtype]
 
 
-# --- imports that only GPU machines have ----------------------------------------------------------
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as error:
-        raise MissingDependency(f"the tensorrt Python package is not installed ({error}). {INSTALL}") from None
-    if version_tuple(trt.__version__)[:2] < MIN_TENSORRT:
-        raise MissingDependency(f"TensorRT {trt.__version__} is too old. {INSTALL}")
-    major = tensorrt_cuda_major()
-    try:  # a too-old driver would otherwise surface as an opaque CUDA error in the first call
-        require_driver(f"{major}.0", f"TensorRT {trt.__version__} (tensorrt-cu{major})")
-    except GpuUnavailable as error:
-        raise MissingDependency(str(error)) from None
-    return trt
-
-
-def import_cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError as error:
-            raise MissingDependency(f"cuda-python is not installed ({error}). {INSTALL}") from None
-    return cudart
-
-
-def engine_reader(path: Path):
-    """A stream reader TensorRT deserializes `path` from, chunk by chunk, instead of a host copy of the
-    whole plan (11.5 GB at 3B with read_bytes()). polygraphy 0.53's FileReader implements
-    IStreamReader on TensorRT 10 and IStreamReaderV2 (read + seek) on TensorRT 11
-    (polygraphy/backend/trt/file_reader.py); both are accepted by Runtime.deserialize_cuda_engine."""
-    try:
-        from polygraphy.backend.trt import FileReader
-    except ImportError as error:
-        raise MissingDependency(f"polygraphy is not installed ({error}). {INSTALL}") from None
-    return FileReader(str(path))
-
-
-class Cuda:
-    """Error-checked CUDA runtime calls through cuda-python (every call returns (error, *values))."""
-
-    def __init__(self):
-        self.rt = import_cudart()
-
-    def check(self, result):
-        err, *values = result
-        if err != self.rt.cudaError_t.cudaSuccess:
-            _, text = self.rt.cudaGetErrorString(err)
-            raise RuntimeError(f"CUDA error {err}: {text.decode() if isinstance(text, bytes) else text}")
-        if not values:
-            return None
-        return values[0] if len(values) == 1 else tuple(values)
-
-    def device(self) -> tuple[str, str]:
-        """(name, compute capability 'major.minor') of the current device."""
-        props = self.check(self.rt.cudaGetDeviceProperties(self.check(self.rt.cudaGetDevice())))
-        name = props.name.split(b"\0", 1)[0].decode() if isinstance(props.name, bytes) else str(props.name)
-        return name, f"{props.major}.{props.minor}"
-
-    def malloc(self, nbytes: int, zero: bool = False) -> int:
-        ptr = int(self.check(self.rt.cudaMalloc(max(nbytes, 1))))
-        if zero:
-            self.check(self.rt.cudaMemset(ptr, 0, max(nbytes, 1)))
-        return ptr
-
-    def pinned(self, count: int, dtype) -> tuple[int, np.ndarray]:
-        """Page-locked host memory as a flat numpy array (async copies and graph capture need it)."""
-        dtype = np.dtype(dtype)
-        nbytes = max(count * dtype.itemsize, 1)
-        ptr = int(self.check(self.rt.cudaMallocHost(nbytes)))
-        raw = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), (nbytes,))
-        return ptr, raw[: count * dtype.itemsize].view(dtype)
-
-    def copy_async(self, dst: int, src: int, nbytes: int, kind, stream) -> None:
-        self.check(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, stream))
-
-    def copy(self, dst: int, src: int, nbytes: int, kind) -> None:
-        self.check(self.rt.cudaMemcpy(dst, src, nbytes, kind))
-
-
-# --- engines.json: what an engine directory was built for -------------------------------------------
-
-
-def artifacts_fingerprint(manifest: Manifest) -> dict:
-    """What ties engines to the export they were built from: the manifest's hash, and size + mtime of
-    the shared weights and of every backbone graph (a re-export rewrites them)."""
-    root = manifest.root
-    files = [WEIGHTS_FILE] + [manifest.graphs[g]["file"] for g in BACKBONE_GRAPHS if g in manifest.graphs]
-    stats = {name: [(root / name).stat().st_size, int((root / name).stat().st_mtime)] for name in files}
-    return {"manifest_sha256": hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest(), "files": stats}
-
-
-def load_engines_meta(engines_dir: Path) -> dict:
-    path = Path(engines_dir) / ENGINES_JSON
-    if not path.is_file():
-        raise EngineMismatch(f"{path} not found: build engines first (make engine ARTIFACTS=... ENGINES={engines_dir})")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != ENGINES_FORMAT:
-        raise EngineMismatch(f"{path}: format {meta.get('format')!r}, this version reads {ENGINES_FORMAT}; rebuild with make engine")
-    return meta
-
-
-def engine_mismatches(
-    meta: dict,
-    *,
-    tensorrt_version: str,
-    compute_capability: str,
-    fingerprint: dict,
-    dtype: str,
-    max_batch: int,
-    max_len: int,
-) -> list[str]:
-    """Every reason the engines described by `meta` cannot serve this request (empty: they can)."""
-    rebuild = "rebuild: make engine (python -m engines.build_engine)"
-    problems = []
-    if meta["tensorrt_version"] != tensorrt_version:
-        problems.append(
-            f"built with TensorRT {meta['tensorrt_version']}, this is TensorRT {tensorrt_version} "
-            f"(plans only load in the exact version that built them); {rebuild}"
-        )
-    if meta["gpu"]["compute_capability"] != compute_capability:
-        problems.append(
-            f"built for compute capability {meta['gpu']['compute_capability']} ({meta['gpu']['name']}), "
-            f"this GPU is {compute_capability}; {rebuild} on this machine"
-        )
-    if meta["onnx_dtype"] != dtype:
-        problems.append(f"built from {meta['onnx_dtype']} graphs, the artifacts are now {dtype}; {rebuild}")
-    if meta["artifacts"]["manifest_sha256"] != fingerprint["manifest_sha256"]:
-        problems.append(f"manifest.json changed since the build (re-exported?); {rebuild}")
-    for name, (size, mtime) in fingerprint["files"].items():
-        built = meta["artifacts"]["files"].get(name)
-        if built is None:
-            problems.append(f"{name} was not part of the build; {rebuild}")
-        elif built != [size, mtime]:
-            problems.append(
-                f"{name} changed since the build (size {built[0]} -> {size}, mtime {built[1]} -> {mtime}); "
-                f"{rebuild} (copy artifacts with their mtimes, e.g. cp -p / rsync -t, to keep engines valid)"
-            )
-    if max_batch > meta["max_batch"]:
-        problems.append(f"max_batch {max_batch} is beyond the built profiles (max {meta['max_batch']}); rebuild with --max-batch {max_batch}")
-    if max_len > meta["max_len"]:
-        problems.append(
-            f"max_len {max_len} is beyond the engines' static KV cache length {meta['max_len']}; "
-            f"rebuild with --max-len {max_len} or ask for at most {meta['max_len']}"
-        )
-    return problems
-
-
-# --- the runtime --------------------------------------------------------------------------------------
+def cache_buffer_bytes(spec: ModelSpec, dtype: str, max_batch: int, cache_len: int) -> int:
+    """Bytes of one K or V buffer of max_batch slots, rounded up to 256 so every buffer starts aligned;
+    the runtime allocates 2 x num_layers of them."""
+    return -(-max_batch * cache_row_bytes(spec, dtype, cache_len) // 256) * 256
 
 
 @dataclasses.dataclass
@@ -245,8 +82,9 @@ class TrtBackbone(BackboneRuntime):
     def __init__(
         self,
         manifest: Manifest,
-        max_batch: int = 8,
-        max_len: int = 2048,
+        max_batch: int,
+        max_len: int,
+        *,
         engines_dir: str | Path | None = None,
         cuda_graphs: bool = True,
         step_graphs: int = DEFAULT_STEP_GRAPHS,
@@ -292,8 +130,8 @@ class TrtBackbone(BackboneRuntime):
     # -- setup ---------------------------------------------------------------------------------------
     def _allocate(self) -> None:
         spec, cuda, n = self.spec, self.cuda, self.max_batch
-        self.cache_row_bytes = spec.num_kv_heads * self.cache_len * spec.head_dim * CACHE_ITEMSIZE[self.manifest.dtype]
-        self.cache_bytes = -(-n * self.cache_row_bytes // 256) * 256
+        self.cache_row_bytes = cache_row_bytes(spec, self.manifest.dtype, self.cache_len)
+        self.cache_bytes = cache_buffer_bytes(spec, self.manifest.dtype, n, self.cache_len)
         self.cache_base = cuda.malloc(2 * spec.num_layers * self.cache_bytes, zero=True)
         self._device.append(self.cache_base)
         tokens = max(n, self.cache_len - 1)  # decode: n rows x 1; prefill profile: 1 row x up to cache_len - 1
@@ -329,7 +167,7 @@ class TrtBackbone(BackboneRuntime):
             raise EngineMismatch(f"{path}: its tensors differ from the manifest's {graph} graph; rebuild with make engine")
         cache_shape = list(engine.get_tensor_shape("past_key_0"))
         if cache_shape[2] != self.cache_len:
-            raise EngineMismatch(f"{path}: KV cache length {cache_shape[2]}, engines.json says {self.cache_len}; rebuild")
+            raise EngineMismatch(f"{path}: KV cache length {cache_shape[2]}, {ENGINES_JSON} says {self.cache_len}; rebuild")
         want = {"float16": trt.DataType.HALF, "bfloat16": trt.DataType.BF16, "float32": trt.DataType.FLOAT}[self.manifest.dtype]
         if engine.get_tensor_dtype("past_key_0") != want:
             raise EngineMismatch(f"{path}: KV cache type {engine.get_tensor_dtype('past_key_0')}, expected {want}; rebuild")
@@ -425,7 +263,7 @@ class TrtBackbone(BackboneRuntime):
 
     def _disable_graphs(self, reason: str) -> None:
         self.cuda_graphs, self.graph_failure = False, reason
-        print(f"[tensorrt] CUDA graphs disabled, steps run uncaptured: {reason}", file=sys.stderr)
+        log.warning("CUDA graphs disabled, steps run uncaptured: %s", reason)
 
     def _release(self, step: _Step) -> None:
         if step.graph is not None:
@@ -475,7 +313,7 @@ class TrtBackbone(BackboneRuntime):
             self._enqueue(step.context, step.copies_in, step.copies_out)
         self._sync()
 
-    # -- cache transfers (check_engine, tests) --------------------------------------------------------
+    # -- cache transfers (engines.trt.check, tests) --------------------------------------------------
     def _cache_host_dtype(self):
         if self.manifest.dtype == "bfloat16":
             raise ValueError("bfloat16 caches have no numpy type; host copies need float16 or float32 artifacts")

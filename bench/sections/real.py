@@ -1,4 +1,4 @@
-"""`make bench` section `real`: the CPU path at real size (issue 13).
+"""`make bench` section 6 `real`: the CPU path at real size (issue 13).
 
 The random `v2.5-1b` checkpoint (Llama-3.2-1B shape, DualFFN) exported in float32 and quantized
 to int8 / int4 (export/quantize.py), with the real-size codec, all on this machine's cores:
@@ -9,73 +9,53 @@ to int8 / int4 (export/quantize.py), with the real-size codec, all on this machi
 - streaming codec decode per audio second: the old fixed 8-frame chunks against the doubling
   schedule of engines.codec.StreamingDecoder, and the one-shot decode;
 - each scheme's distance from float32 on the same weights (export.quantize.agreement);
-- start-up and peak RSS of `python -m engines.generate` per scheme (child processes).
+- start-up and peak RSS of an engine per scheme (`bench._child serve`, child processes).
 """
 
 from __future__ import annotations
 
 import gc
-import inspect
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
-from .common import Section, fmt_bytes, fmt_ms, fmt_ratio, interleaved, median, ratio
+from engines.codec import STREAM_MAX_FRAMES
+from engines.manifest import CODEC_DECODER, graph_file
+
+from .._child import read_result
+from ..common import AUDIO_FRAME_RATE, Section, fmt_bytes, fmt_ms, fmt_ratio, interleaved, median, ratio
+from ..config import Config
+from ..harness import LOOP_TEXT, TimedDecoder, cpu_session, no_stream_eos, run_requests, stream_decode
+from ..profiling import time_block
+from ..workspace import Log, Workspace
 
 SCHEMES = ("float32", "int8", "int4")
 
 
-def quantized(ws, size: str, scheme: str) -> Path:
-    """The float32 export of `size`, or its `scheme` quantization (python -m export.quantize, a child)."""
-    if scheme == "float32":
-        return ws.artifacts(size)
-    bits = {"int8": "8", "int4": "4"}[scheme]
-
-    def build():
-        out = ws.root / f"onnx-{size}-{scheme}"
-        ws.log(f"quantizing {size} to {scheme}")
-        ws.child(f"onnx-{size}-{scheme}", ["-m", "export.quantize", "--artifacts", str(ws.artifacts(size)), "--out", str(out), "--bits", bits])
-        return out
-
-    return ws._once(f"onnx-{size}-{scheme}", build)
-
-
-def sizes(cfg) -> tuple[str, str]:
+def sizes(cfg: Config) -> tuple[str, str]:
     """(backbone size, codec size): real size, or mid / tiny for `--quick` (a wiring check, minutes)."""
     return ("mid", "tiny") if cfg.quick else ("v2.5-1b", "real")
 
 
-def prebuild(ws, cfg) -> tuple[list, list]:
-    """The builds this section needs (backbone chain, codec chain) for bench.cpu.prebuild_chains."""
+def prebuild(ws: Workspace, cfg: Config) -> tuple[list, list]:
+    """The builds this section needs (backbone chain, codec chain) for bench.__main__.prebuild_chains."""
     size, codec = sizes(cfg)
-    return [lambda s=s: quantized(ws, size, s) for s in SCHEMES], [lambda: ws.codec_graphs(codec)]
+    return [lambda s=s: ws.quantized(size, s) for s in SCHEMES], [lambda: ws.codec_graphs(codec)]
 
 
-def _stream(decoder, codes: np.ndarray, min_frames: int, max_frames: int) -> np.ndarray:
-    from engines.codec import StreamingDecoder
-
-    streamer = StreamingDecoder(decoder, min_frames=min_frames, max_frames=max_frames)
-    parts = [streamer.push(codes[:, i : i + 1]) for i in range(codes.shape[1])]  # one frame per step, as the loop
-    return np.concatenate(parts + [streamer.flush()])
-
-
-def section_real(ws, cfg, log) -> Section:
-    from engines.codec import CodecDecoder, StreamingDecoder
-    from engines.generate import Engine
+def section_real(ws: Workspace, cfg: Config, log: Log) -> Section:
+    from engines.codec import CodecDecoder
+    from engines.loop import DEFAULT_STREAM_FRAMES, Engine
     from engines.manifest import Manifest
     from engines.ort_runtime import OrtBackbone
     from export.quantize import agreement
 
-    from .cpu import (  # .cpu imports this module
-        AUDIO_FRAME_RATE, LOOP_TEXT, _no_stream_eos, _result, _run_requests, _time_block, _TimedDecoder)
-
     size, codec_size = sizes(cfg)
     section = Section("real", f"6. CPU at real size ({size}, {codec_size} codec)")
     threads = cfg.cores()
-    dirs = {s: quantized(ws, size, s) for s in SCHEMES}
-    codec_path = ws.codec_graphs(codec_size) / "codec_decoder.onnx"
+    dirs = {s: ws.quantized(size, s) for s in SCHEMES}
+    codec_path = ws.codec_graphs(codec_size) / graph_file(CODEC_DECODER)
 
     # start-up and peak RSS (child processes), first: this process holds nothing big yet
     rss_rows = []
@@ -88,7 +68,7 @@ def section_real(ws, cfg, log) -> Section:
             log(f"real: engine start-up and one 50-step request, {scheme}, prefill {prefill}, in a child process")
             child = ws.child(f"serve-{scheme}-{prefill}", ["-m", "bench._child", "serve", str(dirs[scheme]), str(codec_path), "50", prefill],
                              echo=False)
-            result = _result(child)
+            result = read_result(child.output)
             rss_rows.append([scheme, prefill, f"{result['startup_seconds']:.1f}", fmt_bytes(result["rss_ready"].get("VmRSS")),
                              fmt_bytes(result["rss_ready"].get("RssAnon")), fmt_bytes(child.peak_rss)])
             section.summary.append((f"{size} {scheme}, prefill {prefill}: start-up s, peak RSS",
@@ -102,22 +82,20 @@ def section_real(ws, cfg, log) -> Section:
 
     # streaming codec
     decoder = CodecDecoder(codec_path, ["CPUExecutionProvider"])
-    defaults = inspect.signature(StreamingDecoder.__init__).parameters
-    stream_frames = inspect.signature(Engine.__init__).parameters["stream_frames"].default
+    stream_frames = DEFAULT_STREAM_FRAMES
     seconds = 10.0
     codes = np.random.default_rng(0).integers(0, 1024, (decoder.num_quantizers, int(seconds * AUDIO_FRAME_RATE)))
     one_shot = decoder.decode(codes)
     cases = {
         "one-shot": lambda: decoder.decode(codes),
-        f"streaming, fixed {stream_frames}-frame chunks": lambda: _stream(decoder, codes, stream_frames, stream_frames),
-        f"streaming, {stream_frames}..{defaults['max_frames'].default} doubling (default)":
-            lambda: _stream(decoder, codes, stream_frames, defaults["max_frames"].default),
+        f"streaming, fixed {stream_frames}-frame chunks": lambda: stream_decode(decoder, codes, stream_frames, stream_frames),
+        f"streaming, {stream_frames}..{STREAM_MAX_FRAMES} doubling (default)": lambda: stream_decode(decoder, codes, stream_frames),
     }
     rows = []
     for name, fn in cases.items():
         rows.append([name, f"{float(np.abs(fn() - one_shot).max()):.1e}"])
     log(f"real: {codec_size} codec decode, {seconds:.0f} s of audio, {cfg.codec_rounds} rounds")
-    times = interleaved({n: partial(_time_block, fn, 1, warm=False) for n, fn in cases.items()}, cfg.codec_rounds)
+    times = interleaved({n: partial(time_block, fn, 1, warm=False) for n, fn in cases.items()}, cfg.codec_rounds)
     per_second = {n: median(v) / seconds for n, v in times.items()}
     for row in rows:
         row.insert(1, fmt_ms(per_second[row[0]], 0))
@@ -133,7 +111,7 @@ def section_real(ws, cfg, log) -> Section:
     manifests = {s: Manifest.load(d) for s, d in dirs.items()}
     spec = manifests["float32"].model
     for batch in cfg.loop_batches:
-        steps = {s: partial(_time_block, _audio_step(manifests[s], batch, threads), 5, warm=False) for s in SCHEMES}
+        steps = {s: partial(time_block, _audio_step(manifests[s], batch, threads), 5, warm=False) for s in SCHEMES}
         for warm in steps.values():
             warm()
         log(f"real: audio step b{batch}, {', '.join(SCHEMES)}")
@@ -156,13 +134,13 @@ def section_real(ws, cfg, log) -> Section:
     for scheme in SCHEMES:
         for batch in cfg.loop_batches:
             runtime = OrtBackbone(manifests[scheme], max_batch=batch, max_len=cfg.max_len, threads=threads, prefill_graph=False)
-            timed = _TimedDecoder(CodecDecoder(codec_path, ["CPUExecutionProvider"]))
-            engine = Engine(_no_stream_eos(runtime), timed, renderer=renderer)
+            timed = TimedDecoder(CodecDecoder(codec_path, ["CPUExecutionProvider"]))
+            engine = Engine(no_stream_eos(runtime), timed, renderer=renderer)
             engine.warmup()
             request = SpeechRequest(tts_messages(LOOP_TEXT), sampling=SamplingParams(temperature=0.0), max_tokens=tokens)
             log(f"real: loop {scheme} b{batch}, {tokens} steps")
             started = time.perf_counter()
-            run = _run_requests(engine, [request for _ in range(batch)])
+            run = run_requests(engine, [request for _ in range(batch)])
             wall = time.perf_counter() - started
             audio_s = sum(run["tokens"]) / AUDIO_FRAME_RATE
             loop_rows.append([scheme, batch, fmt_ms(run["step"]), fmt_ms(run["graph"]), fmt_ms(run["codec"]),
@@ -196,11 +174,7 @@ def section_real(ws, cfg, log) -> Section:
 
 def _audio_step(manifest, batch: int, threads: int, length: int = 200, max_len: int = 256):
     """One audio step of `batch` rows through backbone_audio.onnx in its own session."""
-    import onnxruntime as ort
-
-    from engines.ort_runtime import session_options
-
-    session = ort.InferenceSession(str(manifest.graph_path("audio")), session_options("cpu", threads), providers=["CPUExecutionProvider"])
+    session = cpu_session(manifest.graph_path("audio"), threads)
     spec = manifest.model
     cache = np.zeros((batch, spec.num_kv_heads, max_len, spec.head_dim), np.float32)
     feed = {"audio_codes": np.zeros((batch, 1, spec.num_codebooks), np.int64), "cache_lengths": np.full(batch, length, np.int64),

@@ -1,15 +1,14 @@
 """`make engine`: TensorRT engines for the backbone graphs of an artifacts directory.
 
-    python -m engines.build_engine --artifacts DIR --precision fp16|bf16|fp32 --max-batch N --max-len L --out DIR [--no-prefill]
+    python -m engines.trt.build --artifacts DIR --precision fp16|bf16|fp32 --max-batch N --max-len L --out DIR [--no-prefill]
 
 One engine per graph (audio, text and, unless --no-prefill, prefill), a timing cache reused across
-builds, and `engines.json` describing what they were built for (TrtBackbone checks it). TensorRT 10+
-networks are strongly typed, so the ONNX dtype *is* the precision: fp16 needs `make export
+builds, and `engines.json` describing what they were built for (engine_dir.py; TrtBackbone checks it).
+TensorRT 10+ networks are strongly typed, so the ONNX dtype *is* the precision: fp16 needs `make export
 DTYPE=float16`, bf16 `DTYPE=bfloat16`, fp32 `DTYPE=float32`.
 
-The KV cache update layer that TensorRT makes of ONNX TensorScatter needs a static sequence length,
-so every past_*/present_* dimension `max_len` is fixed to L in a copy of the graph proto (weights
-stay in weights.bin: the copy is written next to it and parsed by path, without loading them).
+Each graph is parsed from the copy static_cache.py writes next to weights.bin (KV cache length fixed
+to L, attention inputs as TensorRT reads them), by path, without loading the weights.
 Profiles: decode (T = 1, batch 1..N, tuned for N) on text and audio; prefill (batch 1, T 1..L-1) on
 all three, since a split prefill runs text and audio graphs over whole prompt runs.
 """
@@ -17,98 +16,23 @@ all three, since a split prefill runs text and audio graphs over whole prompt ru
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import logging
 import sys
 import threading
 import time
 from pathlib import Path
 
-from .graph_edit import NONPAD_INPUT, attention_nodes, edited_graph
-from .manifest import Manifest, ManifestError
-from .trt_runtime import (
-    CACHE_ITEMSIZE,
-    ENGINES_FORMAT,
-    ENGINES_JSON,
-    PRECISION_DTYPES,
-    Cuda,
-    MissingDependency,
-    artifacts_fingerprint,
-    import_tensorrt,
-)
+from ..logs import setup_logging
+from ..manifest import Manifest, ManifestError
+from .device import Cuda, MissingDependency, import_tensorrt
+from .engine_dir import ENGINES_JSON, PRECISION_DTYPES, TIMING_CACHE, engine_file, engines_meta
+from .runtime import cache_buffer_bytes
+from .static_cache import static_cache_graph
 
-TIMING_CACHE = "timing.cache"
 PREFILL_OPT = 256  # prompt length the prefill profile is tuned for
-CACHE_PREFIXES = ("past_", "present_")
 
-
-def log(message: str) -> None:
-    print(f"[engine] {message}", flush=True)
-
-
-# --- ONNX: static KV cache length ---------------------------------------------------------------
-
-
-def fix_cache_dims(model, max_len: int) -> list[str]:
-    """Give dim 2 (the sequence) of every past_*/present_* tensor the static length max_len, in place.
-
-    The symbol the export used for it is replaced everywhere it appears (inputs, outputs, value_info),
-    so shapes inside the graph stay consistent. Returns the names of the cache tensors changed."""
-    graph = model.graph
-    caches = [v for v in [*graph.input, *graph.output] if v.name.startswith(CACHE_PREFIXES)]
-    if not caches:
-        raise ValueError("the graph has no past_*/present_* tensors: not a backbone graph of this exporter")
-    symbols = {v.type.tensor_type.shape.dim[2].dim_param for v in caches} - {""}
-    for value in caches:
-        value.type.tensor_type.shape.dim[2].dim_value = max_len  # clears dim_param (a oneof)
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in symbols:
-                dim.dim_value = max_len
-    return [v.name for v in caches]
-
-
-def drop_nonpad_kv_seqlen(model) -> int:
-    """Remove `nonpad_kv_seqlen` from every Attention node, in place; returns how many nodes.
-
-    The exported mask (`key <= position`) already excludes every key at or past
-    `nonpad_kv_seqlen`, so the result is the same model. TensorRT's importer builds its IAttention
-    from Q, K, V and the mask alone and never reads input 6 (onnx-tensorrt onnxOpImporters.cpp,
-    `DEFINE_BUILTIN_OP_IMPORTER(Attention)`): the graph it is given says exactly what it computes."""
-    nodes = attention_nodes(model)
-    for node in nodes:
-        del node.input[NONPAD_INPUT:]
-        while node.input and not node.input[-1]:  # trailing empty optional inputs (past_key / past_value)
-            del node.input[-1]
-    return len(nodes)
-
-
-def mark_decomposable(model) -> None:
-    """Set `TRT_decomposable=1` on every Attention node, in place. Without it the importer asks for
-    a fused IAttention kernel and the build fails wherever none exists for the shapes / precision
-    (onnxOpImporters.cpp: `attrs.get<int64_t>("TRT_decomposable", 0)` -> `IAttention::setDecomposable`).
-    The attribute is TensorRT's own: onnx.checker and onnxruntime reject the marked graph."""
-    import onnx
-
-    for node in attention_nodes(model):
-        kept = [a for a in node.attribute if a.name != "TRT_decomposable"]
-        del node.attribute[:]
-        node.attribute.extend(kept + [onnx.helper.make_attribute("TRT_decomposable", 1)])
-
-
-def tensorrt_graph(model, max_len: int, decomposable: bool = True) -> None:
-    """The edits TensorRT needs, in place: static cache length, no nonpad_kv_seqlen and (unless
-    `decomposable` is False, which leaves a graph ONNX Runtime can still run) decomposable attention."""
-    fix_cache_dims(model, max_len)
-    drop_nonpad_kv_seqlen(model)
-    if decomposable:
-        mark_decomposable(model)
-
-
-def static_cache_graph(path: Path, max_len: int, decomposable: bool = True):
-    """A copy of the graph at `path` prepared by `tensorrt_graph`, next to weights.bin (so its
-    relative external data references resolve), removed when the `with` block ends."""
-    return edited_graph(path, lambda model: tensorrt_graph(model, max_len, decomposable), f"max_len{max_len}")
+log = logging.getLogger("engines.trt.build")  # not __name__, which is "__main__" under python -m
 
 
 # --- profiles -----------------------------------------------------------------------------------
@@ -141,7 +65,7 @@ def graph_profiles(graph: str) -> list[str]:
 
 
 def progress_monitor(trt):
-    """An IProgressMonitor printing top-level phases and, at most every 10 s, the innermost step."""
+    """An IProgressMonitor logging top-level phases and, at most every 10 s, the innermost step."""
 
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
@@ -155,21 +79,21 @@ def progress_monitor(trt):
                 depth = self._phases[parent_phase][0] + 1 if parent_phase in self._phases else 0
                 self._phases[phase_name] = (depth, num_steps, time.monotonic())
                 if depth <= 1:
-                    log(f"  {'  ' * depth}{phase_name} ({num_steps} steps)")
+                    log.info("  %s%s (%d steps)", "  " * depth, phase_name, num_steps)
 
         def step_complete(self, phase_name, step):
             with self._lock:
                 now = time.monotonic()
                 if now - self._last_step >= 10 and phase_name in self._phases:
                     self._last_step = now
-                    log(f"    ... {phase_name}: step {step + 1}/{self._phases[phase_name][1]}")
+                    log.info("    ... %s: step %d/%d", phase_name, step + 1, self._phases[phase_name][1])
             return True
 
         def phase_finish(self, phase_name):
             with self._lock:
                 depth, _, started = self._phases.pop(phase_name, (9, 0, time.monotonic()))
                 if depth <= 1:
-                    log(f"  {'  ' * depth}{phase_name} done in {time.monotonic() - started:.1f}s")
+                    log.info("  %s%s done in %.1fs", "  " * depth, phase_name, time.monotonic() - started)
 
     return Monitor()
 
@@ -189,7 +113,7 @@ def build_graph(trt, builder, logger, manifest: Manifest, graph: str, args, timi
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)  # owns the weights: keep it alive until the build is done
     with static_cache_graph(manifest.graph_path(graph), args.max_len) as static:
-        log(f"  parsing {manifest.graph_path(graph).name} (KV cache length fixed to {args.max_len})")
+        log.info("  parsing %s (KV cache length fixed to %d)", manifest.graph_path(graph).name, args.max_len)
         if not parser.parse_from_file(str(static)):
             errors = "\n    ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise BuildError(f"TensorRT could not parse {graph}:\n    {errors}")
@@ -214,10 +138,8 @@ def check_precision(manifest: Manifest, precision: str) -> str | None:
     want = PRECISION_DTYPES[precision]
     if manifest.dtype == want:
         return None
-    with open(manifest.root / "manifest.json") as f:
-        source = json.load(f).get("source") or {}
-    checkpoint = source.get("checkpoint") or "CHECKPOINT_DIR"
-    codec = f" CODEC={source['codec']}" if source.get("codec") else ""
+    checkpoint = manifest.source.get("checkpoint") or "CHECKPOINT_DIR"
+    codec = f" CODEC={manifest.source['codec']}" if manifest.source.get("codec") else ""
     have = {v: k for k, v in PRECISION_DTYPES.items()}[manifest.dtype]
     return (
         f"{manifest.root} holds {manifest.dtype} graphs but --precision {precision} needs {want}: TensorRT 10+ "
@@ -235,7 +157,7 @@ def human(nbytes: float) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engines.build_engine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engines.trt.build", description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True, help="directory written by make export")
     parser.add_argument("--precision", choices=sorted(PRECISION_DTYPES), required=True)
     parser.add_argument("--max-batch", type=int, required=True, help="most sequences per decode step (slots)")
@@ -253,25 +175,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging()
     try:
         trt = import_tensorrt()
         cuda = Cuda()
-    except MissingDependency as error:
-        print(f"[engine] error: {error}", file=sys.stderr)
-        return 2
-    try:
         manifest = Manifest.load(args.artifacts)
-    except ManifestError as error:
-        print(f"[engine] error: {error}", file=sys.stderr)
+    except (MissingDependency, ManifestError) as error:
+        log.error("error: %s", error)
         return 2
     problem = check_precision(manifest, args.precision)
     if problem:
-        print(f"[engine] error: {problem}", file=sys.stderr)
+        log.error("error: %s", problem)
         return 2
     gpu_name, capability = cuda.device()
     graphs = ["audio", "text"] + ([] if args.no_prefill else ["prefill"])
-    log(f"TensorRT {trt.__version__} on {gpu_name} (compute capability {capability}); {args.precision}, "
-        f"max_batch {args.max_batch}, max_len {args.max_len}; graphs: {', '.join(graphs)}")
+    log.info("TensorRT %s on %s (compute capability %s); %s, max_batch %d, max_len %d; graphs: %s",
+             trt.__version__, gpu_name, capability, args.precision, args.max_batch, args.max_len, ", ".join(graphs))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / ENGINES_JSON).unlink(missing_ok=True)  # a failed or interrupted build leaves no usable-looking directory
     logger = trt.Logger(trt.Logger.VERBOSE if args.verbose else trt.Logger.WARNING)
@@ -279,48 +198,35 @@ def main(argv: list[str] | None = None) -> int:
     builder = trt.Builder(logger)
     cache_config = builder.create_builder_config()  # the timing cache comes from a config; keep it for the run
     timing_cache = cache_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    log(f"timing cache {cache_path} ({'reused' if cache_path.is_file() else 'new'})")
+    log.info("timing cache %s (%s)", cache_path, "reused" if cache_path.is_file() else "new")
     monitor = progress_monitor(trt)
     entries, started_all = {}, time.monotonic()
     for graph in graphs:
         started = time.monotonic()
-        log(f"building {graph}")
+        log.info("building %s", graph)
         try:
             plan, profiles = build_graph(trt, builder, logger, manifest, graph, args, timing_cache, monitor)
         except BuildError as error:
-            print(f"[engine] error: {error}", file=sys.stderr)
+            log.error("error: %s", error)
             return 1
-        path = args.out / f"{graph}.engine"
+        path = args.out / engine_file(graph)
         with open(path, "wb") as f:
             f.write(plan)
         cache_path.write_bytes(bytes(timing_cache.serialize()))  # kept even if a later graph fails
         seconds, size = time.monotonic() - started, path.stat().st_size
         del plan
         entries[graph] = {"file": path.name, "bytes": size, "build_seconds": round(seconds, 1), "profiles": profiles}
-        log(f"{graph} built in {seconds:.1f}s ({human(size)})")
-    meta = {
-        "format": ENGINES_FORMAT,
-        "tensorrt_version": trt.__version__,
-        "gpu": {"name": gpu_name, "compute_capability": capability},
-        "precision": args.precision,
-        "onnx_dtype": manifest.dtype,
-        "max_batch": args.max_batch,
-        "max_len": args.max_len,
-        "artifacts_dir": str(args.artifacts.resolve()),
-        "artifacts": artifacts_fingerprint(manifest),
-        "graphs": entries,
-        "timing_cache": TIMING_CACHE,
-        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+        log.info("%s built in %.1fs (%s)", graph, seconds, human(size))
+    meta = engines_meta(manifest, tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
+                        precision=args.precision, max_batch=args.max_batch, max_len=args.max_len, graphs=entries)
     (args.out / ENGINES_JSON).write_text(json.dumps(meta, indent=2))
-    spec = manifest.model
-    kv = 2 * spec.num_layers * args.max_batch * spec.num_kv_heads * args.max_len * spec.head_dim * CACHE_ITEMSIZE[manifest.dtype]
-    log(f"done in {time.monotonic() - started_all:.1f}s; sizes:")
-    for graph, entry in entries.items():
-        log(f"  {entry['file']:<16} {human(entry['bytes']):>10}")
-    log(f"  {TIMING_CACHE:<16} {human(cache_path.stat().st_size):>10}")
-    log(f"  KV cache the runtime allocates at max_batch {args.max_batch}: {human(kv)}")
-    log(f"wrote {args.out / ENGINES_JSON}")
+    kv = 2 * manifest.model.num_layers * cache_buffer_bytes(manifest.model, manifest.dtype, args.max_batch, args.max_len)
+    log.info("done in %.1fs; sizes:", time.monotonic() - started_all)
+    for entry in entries.values():
+        log.info("  %-16s %10s", entry["file"], human(entry["bytes"]))
+    log.info("  %-16s %10s", TIMING_CACHE, human(cache_path.stat().st_size))
+    log.info("  KV cache the runtime allocates at max_batch %d: %s", args.max_batch, human(kv))
+    log.info("wrote %s", args.out / ENGINES_JSON)
     return 0
 
 

@@ -1,6 +1,6 @@
 """`make check-engine`: every TensorRT engine against ONNX Runtime on the same inputs (polygraphy).
 
-    python -m engines.check_engine --artifacts DIR --engines DIR [--batch 4] [--ort-device auto|cpu|cuda] [--rtol R --atol A]
+    python -m engines.trt.check --artifacts DIR --engines DIR [--batch 4] [--ort-device auto|cpu|cuda] [--rtol R --atol A]
 
 The inputs are real: a voice-cloning prompt rendered with the artifacts' tokenizer (text runs and
 an assistant audio clip), and KV caches that ONNX Runtime's prefill graph computed for it. Per graph:
@@ -17,6 +17,7 @@ a polygraphy runner around TrtBackbone, which binds them exactly as serving does
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections import OrderedDict
@@ -24,10 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .gpu_env import GpuUnavailable
-from .manifest import Manifest, ManifestError
-from .ort_runtime import CUDA_EP, provider_name, providers_for
-from .trt_runtime import EngineMismatch, MissingDependency, TrtBackbone, import_cudart, import_tensorrt, load_engines_meta
+from ..gpu_env import GpuUnavailable
+from ..logs import setup_logging
+from ..manifest import Manifest, ManifestError
+from ..ort_runtime import CUDA_EP, provider_name, providers_for
+from .device import MissingDependency, import_cudart, import_tensorrt
+from .engine_dir import EngineMismatch, load_engines_meta
+from .runtime import TrtBackbone
 
 # (rtol, atol) on logits and caches: fp32 engines may use TF32 matmuls (TensorRT's default on Ampere+);
 # fp16 engines accumulate over 16-bit activations through every layer.
@@ -35,9 +39,7 @@ TOLERANCES = {"fp32": (1e-2, 1e-2), "fp16": (5e-2, 1e-1)}
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest."
 REFERENCE_TEXT = "A short reference sentence for the voice."
 
-
-def log(message: str) -> None:
-    print(f"[check-engine] {message}", flush=True)
+log = logging.getLogger("engines.trt.check")  # not __name__, which is "__main__" under python -m
 
 
 def import_polygraphy():
@@ -58,7 +60,7 @@ def import_polygraphy():
 def render_prompt(manifest: Manifest, cache_len: int, batch: int):
     """The expanded voice-cloning prompt (text, one assistant audio clip, text); it must leave room
     for `batch` decode rows and the scratch row in a cache of cache_len rows."""
-    from .prompt import PromptRenderer, expand_prompt, tts_messages
+    from ..prompt import PromptRenderer, expand_prompt, tts_messages
 
     if manifest.tokenizer is None:
         raise ValueError(f"{manifest.root} has no tokenizer.json: the check renders a real prompt with it")
@@ -190,7 +192,7 @@ def ort_providers(device: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.check_engine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engines.trt.check", description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True)
     parser.add_argument("--engines", type=Path, required=True, help="directory written by make engine")
     parser.add_argument("--batch", type=int, default=4, help="rows of the decode feeds (capped at the engines' max_batch)")
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, help="override the precision's relative tolerance")
     parser.add_argument("--atol", type=float, help="override the precision's absolute tolerance")
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         import_tensorrt()
         import_cudart()
@@ -206,47 +209,47 @@ def main(argv: list[str] | None = None) -> int:
         manifest = Manifest.load(args.artifacts)
         meta = load_engines_meta(args.engines)
     except (MissingDependency, ManifestError, EngineMismatch) as error:
-        print(f"[check-engine] error: {error}", file=sys.stderr)
+        log.error("error: %s", error)
         return 2
     if meta["precision"] not in TOLERANCES:
-        print(
-            f"[check-engine] error: {meta['precision']} engines have no ONNX Runtime reference here (numpy has no bfloat16 "
-            f"and ONNX Runtime's CPU kernels none either): check a float16 export's engines, and these end to end with make verify",
-            file=sys.stderr,
+        log.error(
+            "error: %s engines have no ONNX Runtime reference here (numpy has no bfloat16 and ONNX Runtime's CPU kernels "
+            "none either): check a float16 export's engines, and these end to end with make verify", meta["precision"],
         )
         return 2
     rtol, atol = TOLERANCES[meta["precision"]]
     rtol, atol = args.rtol if args.rtol is not None else rtol, args.atol if args.atol is not None else atol
     cache_len, batch = meta["max_len"], max(1, min(args.batch, meta["max_batch"]))
-    log(f"{meta['precision']} engines ({meta['tensorrt_version']}, built on {meta['gpu']['name']}) vs ONNX Runtime {provider_name(providers[0])}")
-    log(f"tolerances: rtol {rtol}, atol {atol} (|trt - ort| <= atol + rtol * |ort|, every element of logits and caches)")
+    log.info("%s engines (%s, built on %s) vs ONNX Runtime %s", meta["precision"], meta["tensorrt_version"], meta["gpu"]["name"],
+             provider_name(providers[0]))
+    log.info("tolerances: rtol %s, atol %s (|trt - ort| <= atol + rtol * |ort|, every element of logits and caches)", rtol, atol)
     try:
         prompt = render_prompt(manifest, cache_len, batch)
         start, length = int(np.flatnonzero(prompt.audio_mask)[0]), len(prompt.input_ids)
-        log(f"prompt: {length} positions (audio from {start}); reference caches from ONNX Runtime's prefill graph")
+        log.info("prompt: %d positions (audio from %d); reference caches from ONNX Runtime's prefill graph", length, start)
         session = SessionFromOnnx(str(manifest.graph_path("prefill")), providers=providers)()
         caches_at = {stop: prompt_caches(session, manifest, prompt, stop, cache_len) for stop in (start, length)}
         del session
         backbone = TrtBackbone(manifest, max_batch=batch, max_len=cache_len, engines_dir=args.engines)
     except (ValueError, EngineMismatch) as error:
-        print(f"[check-engine] error: {error}", file=sys.stderr)
+        log.error("error: %s", error)
         return 2
     runner_class = trt_runner_class(BaseRunner, TensorMetadata)
     failed = []
     try:
         for graph in meta["graphs"]:
-            log(f"{graph}: comparing")
+            log.info("%s: comparing", graph)
             feeds = graph_feeds(graph, manifest, prompt, caches_at, cache_len, batch)
             ort_runner = OnnxrtRunner(SessionFromOnnx(str(manifest.graph_path(graph)), providers=providers), name=f"onnxruntime-{graph}")
             results = Comparator.run([ort_runner, runner_class(backbone, graph)], data_loader=feeds)
             passed = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(rtol=rtol, atol=atol, check_shapes=True)))
-            log(f"{graph}: {'PASSED' if passed else 'FAILED'} ({len(feeds)} feeds)")
+            log.info("%s: %s (%d feeds)", graph, "PASSED" if passed else "FAILED", len(feeds))
             if not passed:
                 failed.append(graph)
         graphs_note = "CUDA graphs replayed" if backbone.cuda_graphs else f"CUDA graphs off: {backbone.graph_failure}"
     finally:
         backbone.close()
-    log(f"{'FAILED: ' + ', '.join(failed) if failed else 'all engines match ONNX Runtime'} ({graphs_note})")
+    log.info("%s (%s)", "FAILED: " + ", ".join(failed) if failed else "all engines match ONNX Runtime", graphs_note)
     return 1 if failed else 0
 
 
