@@ -56,7 +56,10 @@ def fit_max_tokens(request: SpeechRequest, prompt_length: int, capacity: int) ->
     """The generation steps a request gets beside a prompt of `prompt_length` positions."""
     room = capacity - prompt_length
     wanted = request.max_tokens
-    if room < 1 or (wanted is not None and wanted > room and not request.max_tokens_defaulted):
+    if room < 1:  # whatever the max, nothing fits: the message must not blame a max the client never sent
+        raise ValueError(f"prompt ({prompt_length} positions) leaves no room in the KV cache of {capacity} "
+                         "positions; shorten the input")
+    if wanted is not None and wanted > room and not request.max_tokens_defaulted:
         raise ValueError(
             f"prompt ({prompt_length} positions) + max_tokens ({wanted}) exceeds the "
             f"KV cache of {capacity} positions; shorten the input or lower max_tokens"

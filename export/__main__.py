@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--checkpoint {args.checkpoint} is not a directory (CHECKPOINT=DIR with config.json and *.safetensors)")
     if args.codec is not None and not args.codec.is_dir():
         parser.error(f"--codec {args.codec} is not a directory (CODEC=DIR with config.json and model.pth)")
+    if args.no_float32_reference and args.dtype not in BITS:
+        parser.error(f"--no-float32-reference applies to DTYPE=int4|int8 only (there is no float32 reference of a {args.dtype} export)")
     try:
         if args.dtype in BITS:
             reference = None if args.no_float32_reference else args.out / "float32"

@@ -85,6 +85,12 @@ def _load_dequantized(model, artifacts: Path) -> None:
     """Give `model` the weights the quantized graphs in `artifacts` compute with."""
     params = dict(model.named_parameters())
     for name, weight in dequantized_weights(artifacts):
+        if name not in params or params[name].shape != weight.shape:
+            # the float32 export stores identical tensors once under one name (a tied head and embedding),
+            # so what export.quantize made of it cannot be mapped back onto the model's parameters
+            raise ValueError(f"{artifacts}: quantized weight {name!r} is not a model parameter of that shape (quantized "
+                             "by python -m export.quantize from a float32 export with shared tensors); re-export with "
+                             "make export DTYPE=int4|int8, which names every weight after its checkpoint tensor")
         params[name].copy_(torch.from_numpy(weight))
 
 
@@ -130,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     quantization = scheme(args.artifacts)
     if quantization:
         print(f"check-onnx: int{quantization['bits']} graphs against the float32 model holding their dequantized weights")
-        _load_dequantized(model, args.artifacts)
+        try:
+            _load_dequantized(model, args.artifacts)
+        except ValueError as error:
+            parser.error(str(error))
     rng = np.random.default_rng(0)
     ok = True
     with tempfile.TemporaryDirectory() as tmp:

@@ -115,7 +115,7 @@ def verify_llm(checkpoint: Path, golden, artifacts: Path | None, report: Report)
     runtime = engine = None
     if artifacts is not None:
         from engines.loop import Engine
-        from engines.manifest import CODEC_DECODER, CODEC_ENCODER, Manifest
+        from engines.manifest import Manifest
         from engines.ort_runtime import OrtBackbone
 
         longest = max(len(golden_prompts(golden, c, audio_out)[1].input_ids) for c in cases)

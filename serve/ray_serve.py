@@ -54,7 +54,7 @@ class HiggsReplica:
         # Ray sets up its own loggers in a replica, not ours: without this our INFO lines (requests,
         # first audio, finish) would not reach the replica's log file
         setup_logging(logging.WARNING)
-        for name in ("serve", "engines"):
+        for name in ("serve", "engines", "higgs"):  # higgs.engine: the decode loop's request lines
             logging.getLogger(name).setLevel(log_level.upper())
         self.settings = settings
         self.replica_id = ray_serve.get_replica_context().replica_id.unique_id

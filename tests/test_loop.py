@@ -10,6 +10,7 @@ import wave
 import numpy as np
 import pytest
 
+from engines.admission import fit_max_tokens
 from engines.api import AudioChunk, Finished, SamplingParams, SpeechRequest
 from engines.codec import CodecDecoder
 from engines.delay import delayed_to_codes
@@ -234,3 +235,13 @@ def test_a_defaulted_max_tokens_yields_to_the_cache_an_explicit_one_is_refused(e
     assert request.max_tokens == 5000  # nothing resubmitted with another max
     with pytest.raises(ValueError, match="max_tokens"):
         engine.submit(say("Fits.", sampling=GREEDY, max_tokens=5000))
+
+
+def test_a_prompt_that_fills_the_cache_is_refused_without_blaming_a_defaulted_max():
+    """A prompt that leaves no room is refused whatever the max; the message names the prompt, not a
+    max_tokens the client never sent (the server's default)."""
+    defaulted = SpeechRequest([], max_tokens=1024, max_tokens_defaulted=True)
+    with pytest.raises(ValueError, match="leaves no room") as refused:
+        fit_max_tokens(defaulted, prompt_length=600, capacity=511)
+    assert "max_tokens" not in str(refused.value)
+    assert fit_max_tokens(defaulted, prompt_length=500, capacity=511) == 11

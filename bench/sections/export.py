@@ -8,6 +8,7 @@ forward pass or an export pays). The exports are removed after measuring: severa
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,15 +24,20 @@ def _dir_bytes(path: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
 
 
+_GRAPH_DONE = re.compile(r"done in ([\d.]+)s")  # export/onnx_export.py, one per graph
+_GRAPH_STREAMED = re.compile(r"traced in ([\d.]+)s, weights written in ([\d.]+)s")  # export/streamed.py (int4 / int8)
+
+
 def _graph_times(output: str) -> list[float]:
+    """Seconds per exported graph, from the export's own log lines."""
     out = []
     for line in output.splitlines():
-        line = line.strip()
-        if line.startswith("[export]") and "done in" in line:
-            try:
-                out.append(float(line.rsplit("done in", 1)[1].strip().rstrip("s")))
-            except ValueError:
-                pass
+        if not line.strip().startswith("[export]"):
+            continue
+        if done := _GRAPH_DONE.search(line):
+            out.append(float(done[1]))
+        elif streamed := _GRAPH_STREAMED.search(line):
+            out.append(float(streamed[1]) + float(streamed[2]))
     return out
 
 
