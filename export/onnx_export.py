@@ -157,12 +157,28 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
+def external_location(tensor: onnx.TensorProto) -> tuple[str, int, int]:
+    """Where an external tensor's bytes are: (file, offset, length)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info["length"])
+
+
+def point_to_weights(tensor: onnx.TensorProto, offset: int, length: int) -> None:
+    """Make `tensor` read its bytes from the shared weights file at `offset` (ONNX external data)."""
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
 def _read_initializer(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in tensor.external_data}
-        with open(base_dir / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            return f.read(int(info["length"]))
+        location, offset, length = external_location(tensor)
+        with open(base_dir / location, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
     return onnx.numpy_helper.to_array(tensor).tobytes()
 
 
@@ -213,12 +229,7 @@ def consolidate_weights(raw_path: Path, final_path: Path, store: WeightStore) ->
         used.add(name)
         renames[tensor.name] = name
         tensor.name = name
-        tensor.ClearField("raw_data")
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+        point_to_weights(tensor, offset, length)
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             if name in renames:

@@ -39,7 +39,7 @@ from onnx import TensorProto, helper
 
 from engines.manifest import BACKBONE_GRAPHS, MANIFEST_FILE, WEIGHTS_FILE
 
-from .onnx_export import ALIGN, graph_entry, write_manifest
+from .onnx_export import ALIGN, external_location, graph_entry, point_to_weights, write_manifest
 
 BITS = {"int4": 4, "int8": 8}  # make export DTYPE= -> bits
 DEFAULT_BLOCK_SIZE = 32  # issue 13: 1B audio step 3.75x faster than float32 at block 32, accuracy_level 4
@@ -90,10 +90,8 @@ class WeightsFile:
         self.file.write(b"\0" * ((-offset) % ALIGN))
         start = self.file.tell()
         write(self.file)
-        tensor = onnx.TensorProto(name=name, data_type=dtype, dims=dims, data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", WEIGHTS_FILE), ("offset", str(start)), ("length", str(self.file.tell() - start))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+        tensor = onnx.TensorProto(name=name, data_type=dtype, dims=dims)
+        point_to_weights(tensor, start, self.file.tell() - start)
         return tensor
 
     def copy(self, key, tensor: onnx.TensorProto, data) -> onnx.TensorProto:
@@ -124,11 +122,6 @@ class WeightsFile:
         self.file.close()
 
 
-def _location(tensor: onnx.TensorProto) -> tuple[int, int]:
-    info = {e.key: e.value for e in tensor.external_data}
-    return int(info.get("offset", 0)), int(info["length"])
-
-
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -154,13 +147,13 @@ class Float32File:
         self.data = np.memmap(path, np.uint8, mode="r")
 
     def key(self, tensor: onnx.TensorProto):
-        return _location(tensor)[0]
+        return external_location(tensor)[1]
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
-        return np.ndarray(tuple(tensor.dims), np.float32, self.data, _location(tensor)[0])
+        return np.ndarray(tuple(tensor.dims), np.float32, self.data, external_location(tensor)[1])
 
     def raw(self, tensor: onnx.TensorProto):
-        offset, length = _location(tensor)
+        _, offset, length = external_location(tensor)
         return self.data[offset : offset + length]
 
 
@@ -204,7 +197,7 @@ def rewrite_graph(model: onnx.ModelProto, dst: Path, source, weights: WeightsFil
     if bits and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(dst))
-    external = {t.name: _location(t)[1] for t in kept.values() if t.data_location == TensorProto.EXTERNAL}
+    external = {t.name: external_location(t)[2] for t in kept.values() if t.data_location == TensorProto.EXTERNAL}
     return sorted(external), external
 
 
@@ -262,7 +255,7 @@ def scheme(artifacts: Path) -> dict | None:
 
 
 def _stored(source: np.memmap, tensor: onnx.TensorProto, dtype) -> np.ndarray:
-    offset, length = _location(tensor)
+    _, offset, length = external_location(tensor)
     return np.ndarray((length // np.dtype(dtype).itemsize,), dtype, source, offset)
 
 
