@@ -42,6 +42,16 @@ def no_stream_eos(inner):
             self.eos = inner.spec.stream_eos_id
             self.has_prefill_graph = inner.has_prefill_graph  # prefill() runs split without the prefill graph
 
+        @property
+        def scratch_position(self):
+            return inner.scratch_position
+
+        def reserve(self, positions):
+            inner.reserve(positions)
+
+        def release(self, slot):
+            inner.release(slot)
+
         def run(self, graph, slot, inputs):
             return inner.run(graph, slot, inputs)
 

@@ -436,6 +436,7 @@ class Engine:
     def _finish(self, seq: SlotSequence, reason: str, stop_reason, error: str | None = None) -> None:
         self._close_segment(seq)
         del self._active[seq.slot]  # free the slot before anyone hears the request ended
+        self.runtime.release(seq.slot)
         self._free_slots.append(seq.slot)
         self._free_slots.sort()
         self._state.feed_kind[seq.slot] = Feed.NONE

@@ -1,8 +1,14 @@
 """ONNX Runtime backbone runtime (CPU EP; CUDA EP when onnxruntime-gpu is installed), driven with IO binding.
 
-The KV cache buffers are allocated once on the execution provider's device. Every call binds the
-slot range's past_* inputs and present_* outputs to the *same* memory, so `TensorScatter` updates
-the cache in place (ONNX Runtime skips its copy when the buffers alias). Logits are bound to
+The KV cache buffers live on the execution provider's device. Every call binds the slot range's
+past_* inputs and present_* outputs to the *same* memory, so `TensorScatter` updates the cache in
+place (ONNX Runtime skips its copy when the buffers alias).
+
+On the CPU the buffers grow and shrink in length buckets (powers of two from `MIN_BUCKET` rows up to
+max_len) with the longest live sequence: ONNX Runtime's CPU Attention reads every row of the past it
+is given, masked or not, so an audio step of the 1B int4 took 61 ms over 2048 rows and 44-49 ms over
+256 for the same 200-position sequence (docs/cpu.md). The graphs take any cache length (`max_len` is
+a dynamic dimension), so a bucket change is a copy of the live rows into new buffers and a rebind. Logits are bound to
 preallocated host buffers. Bindings for single-token steps are cached per (graph, slot range), so a
 decode step only copies its few input numbers and runs.
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +33,7 @@ from .runtime import BackboneRuntime
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 CUDA_EP = "CUDAExecutionProvider"
+MIN_BUCKET = 256  # rows per slot of the smallest CPU cache bucket: a TTS prompt plus its first seconds of audio
 # Nodes that must never run on the CPU of a CUDA session: each would move activations (and, for
 # Attention / TensorScatter, the whole KV cache) across PCIe every call. ORT's own fusions of
 # MatMul / Gemm / Conv keep the weights' work in these op types (FusedMatMul, FusedGemm, FusedConv).
@@ -126,7 +134,7 @@ def open_session(path: str | Path, options: ort.SessionOptions, providers: list,
 
 
 class _DeviceBuffer:
-    """A contiguous buffer on the EP's device with a base address for pointer binding."""
+    """A contiguous (slots, heads, rows, head_dim) buffer on the EP's device with a base address for pointer binding."""
 
     def __init__(self, shape: tuple[int, ...], dtype, device: str):
         self.shape, self.dtype, self.device = shape, np.dtype(dtype), device
@@ -137,6 +145,13 @@ class _DeviceBuffer:
             self.value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), "cuda", 0)
             self.ptr = self.value.data_ptr()
         self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
+
+    def resized(self, rows: int, held: np.ndarray) -> "_DeviceBuffer":
+        """A CPU buffer of `rows` rows per slot holding this one's first held[slot] rows of every slot."""
+        new = _DeviceBuffer(self.shape[:2] + (rows,) + self.shape[3:], self.dtype, self.device)
+        for slot in np.flatnonzero(held):
+            new.host[slot, :, : held[slot]] = self.host[slot, :, : held[slot]]
+        return new
 
     def bind(self, binding: ort.IOBinding, name: str, start: int, rows: int, output: bool) -> None:
         bind = binding.bind_output if output else binding.bind_input
@@ -155,12 +170,17 @@ class OrtBackbone(BackboneRuntime):
         threads: int | None = None,
         prefill_graph: bool = True,
         unmasked_steps: bool | None = None,
+        min_bucket: int | None = MIN_BUCKET,
     ):
         """prefill_graph=False skips the prefill session (and, on a GPU, its copy of every weight);
         prompts then go through `prefill_split`. unmasked_steps (default: on CUDA) runs the text and
         audio graphs with single-position Attention free of the mask (`graph_edit.unmasked_single_token_attention`),
-        which lets onnxruntime's CUDA Attention use Flash Attention for decode steps."""
+        which lets onnxruntime's CUDA Attention use Flash Attention for decode steps. min_bucket: the
+        smallest CPU cache bucket in rows per slot; None keeps max_len rows from the start (always on CUDA,
+        where the buffers are device memory this class does not copy)."""
         super().__init__(manifest, max_batch, max_len)
+        if min_bucket is not None and min_bucket < 2:
+            raise ValueError(f"min_bucket {min_bucket}: a cache bucket needs at least 2 rows (one is the scratch row)")
         if manifest.dtype not in _NP_DTYPES:
             raise ValueError(
                 f"ONNX Runtime runs float32 / float16 graphs; these are {manifest.dtype} (use TensorRT, or re-export with DTYPE=float16)"
@@ -181,7 +201,10 @@ class OrtBackbone(BackboneRuntime):
         self.has_prefill_graph = prefill_graph
         spec = self.spec
         cache_dtype = _NP_DTYPES[manifest.dtype]
-        shape = (max_batch, spec.num_kv_heads, max_len, spec.head_dim)
+        self._min_bucket = min_bucket if device == "cpu" else None
+        self.cache_rows = max_len if self._min_bucket is None else self._bucket(1)
+        self._held = np.zeros(max_batch, np.int64)  # slot -> rows its sequence has written (what a resize keeps)
+        shape = (max_batch, spec.num_kv_heads, self.cache_rows, spec.head_dim)
         self.cache = [
             (_DeviceBuffer(shape, cache_dtype, device), _DeviceBuffer(shape, cache_dtype, device)) for _ in range(spec.num_layers)
         ]
@@ -205,6 +228,33 @@ class OrtBackbone(BackboneRuntime):
             binding.bind_output(name, "cpu", 0, np.float32, (rows,) + host.shape[1:], host.ctypes.data)
         return binding
 
+    @property
+    def scratch_position(self) -> int:
+        return self.cache_rows - 1
+
+    def _bucket(self, rows: int) -> int:
+        """The smallest bucket of at least `rows` rows: a power of two, at least min_bucket, at most max_len."""
+        return min(self.max_len, max(self._min_bucket, 1 << (rows - 1).bit_length()))
+
+    def reserve(self, positions: int) -> None:
+        """Resize to the bucket that holds the longest live sequence and `positions`, plus the scratch
+        row above them: grows before a write would not fit, shrinks once long sequences have ended."""
+        if self._min_bucket is not None:
+            rows = self._bucket(max(positions, int(self._held.max())) + 1)
+            if rows != self.cache_rows:
+                self._resize(rows)
+
+    def release(self, slot: int) -> None:
+        self._held[slot] = 0
+
+    def _resize(self, rows: int) -> None:
+        started = time.perf_counter()
+        self.cache = [(key.resized(rows, self._held), value.resized(rows, self._held)) for key, value in self.cache]
+        self._step_bindings.clear()  # they point into the old buffers
+        log.debug("KV cache %d -> %d rows per slot (%d live sequences) in %.1f ms", self.cache_rows, rows,
+                  np.count_nonzero(self._held), 1000 * (time.perf_counter() - started))
+        self.cache_rows = rows
+
     def replace_session(self, graph: str, session: ort.InferenceSession) -> ort.InferenceSession:
         """Run `graph` through `session` from now on (the same graph with other options, e.g. profiling
         or spinning threads) and return the session it replaces. The cached step bindings of `graph` are
@@ -219,6 +269,7 @@ class OrtBackbone(BackboneRuntime):
         rows = len(inputs["cache_lengths"])
         if slot < 0 or slot + rows > self.max_batch:
             raise ValueError(f"slots [{slot}, {slot + rows}) outside the {self.max_batch} cache slots")
+        self._track(slot, inputs)
         single_token = all(a.ndim < 2 or a.shape[1] == 1 for a in inputs.values())
         if single_token:
             key = (graph, slot, rows)
@@ -233,6 +284,16 @@ class OrtBackbone(BackboneRuntime):
             binding = self._bind(graph, slot, buffers)
         self.sessions[graph].run_with_iobinding(binding)
         return {name: (self.text_logits if name == "text_logits" else self.audio_logits)[:rows] for name in self._outputs[graph]}
+
+    def _track(self, slot: int, inputs: dict[str, np.ndarray]) -> None:
+        """Record the rows each sequence of this call will hold; rows at the scratch position are passengers.
+        A call the base class did not `reserve` for (a caller of `run`) grows the cache first if it must."""
+        lengths = np.asarray(inputs["cache_lengths"], np.int64)
+        new = next(a.shape[1] for name, a in inputs.items() if name in ("input_ids", "audio_codes"))
+        real = lengths != self.scratch_position
+        if self._min_bucket is not None and real.any() and int(lengths[real].max()) + new > self.scratch_position:
+            self._resize(self._bucket(int(lengths[real].max()) + new + 1))
+        self._held[slot : slot + len(lengths)][real] = lengths[real] + new
 
     def cache_view(self, layer: int, kind: str) -> np.ndarray:
         """Host view of one cache buffer (CPU device only; tests and debugging)."""

@@ -73,8 +73,18 @@ class BackboneRuntime(abc.ABC):
 
     # -- conveniences the loop uses ----------------------------------------------------------------
     def _check_room(self, cache_lengths: np.ndarray, length: int) -> None:
-        if int(np.max(cache_lengths)) + length > self.capacity:
+        end = int(np.max(cache_lengths)) + length
+        if end > self.capacity:
             raise ValueError(f"sequence would exceed the KV cache ({self.capacity} positions); raise max_len")
+        self.reserve(end)
+
+    def reserve(self, positions: int) -> None:
+        """The next call writes rows below `positions` of some slot: make the cache hold them below the
+        scratch row. Called before `scratch_position` is read for that call. A cache of max_len rows
+        (the default) always does."""
+
+    def release(self, slot: int) -> None:
+        """The sequence in `slot` has ended; its cache rows need not be kept."""
 
     def prefill(self, slot: int, input_ids: np.ndarray, audio_codes: np.ndarray, audio_mask: np.ndarray) -> PromptLogits:
         """One prompt (T,) / (T, N) / (T,) into an empty `slot` with the mixed graph; logits of its last position."""

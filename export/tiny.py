@@ -3,8 +3,9 @@
     python -m export.tiny --out DIR [--size tiny|mid|v2.5-1b|v2-3b] [--seed N] [--no-codec]
 
 writes DIR/llm (upstream `config.json`, `model.safetensors` in bf16 with the bosonai tensor names,
-sharded with `model.safetensors.index.json` above 1 GB like the real checkpoint, `tokenizer.json`
+sharded with `model.safetensors.index.json` above 1 GiB like the real checkpoint, `tokenizer.json`
 with the Llama-3 special tokens at their real ids) and DIR/codec (`config.json` + `model.pth`).
+Shards are generated and saved one at a time, so the 3B needs about one shard of memory, not 11.5 GB.
 
 Random weights would never stop talking, so, as the goldens do, the stream-EOS row of codebook 0 in
 the audio head is scaled up (greedy audio ends by itself within a few seconds) and so is the
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import INDEX_FILE, expected_shapes
-from .config import parse_config
+from .config import HiggsConfig, parse_config
 from .tiny_codec import write_tiny_codec
 from .tiny_tokenizer import write_tiny_tokenizer
 
@@ -107,39 +108,64 @@ def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator)
     return tensor
 
 
-def write_llm(out: Path, size: str = "tiny", seed: int = 0, log=print) -> Path:
+def checkpoint_tensor(name: str, shape: tuple[int, ...], config: HiggsConfig, generator: torch.Generator) -> torch.Tensor:
+    """One tensor as it is saved: random, with the EOS / EOT rows scaled so greedy decoding ends."""
+    tensor = random_tensor(name, shape, generator)
+    if name == "audio_decoder_proj.audio_lm_head.weight":
+        tensor[config.stream_eos_id] *= EOS_ROW_SCALE  # codebook 0, stream EOS
+    if name == "audio_decoder_proj.text_lm_head.weight":
+        tensor[config.eot_token_id] *= EOT_ROW_SCALE
+    return tensor
+
+
+def shard_plan(shapes: dict[str, tuple[int, ...]], shard_bytes: int) -> list[list[str]]:
+    """Consecutive tensor names filled greedily up to `shard_bytes` of bf16 (a larger tensor gets a shard
+    of its own). Decided from the shapes alone, so every file name (`-of-N`) is known before the first
+    tensor is generated and each shard can be saved as soon as it is made."""
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, shape in shapes.items():
+        nbytes = torch.Size(shape).numel() * 2
+        if filled and filled + nbytes > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += nbytes
+    return shards
+
+
+def _write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]], config: HiggsConfig,
+                 generator: torch.Generator) -> int:
+    """Generates and saves one shard; returns its bytes. The tensors live only in this call, so they are
+    freed before the next shard is generated: peak memory is one shard, not the model (11.5 GB at 3B)."""
+    tensors = {name: checkpoint_tensor(name, shapes[name], config, generator) for name in names}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+
+
+def write_llm(out: Path, size: str = "tiny", seed: int = 0, log=print, shard_bytes: int = SHARD_BYTES) -> Path:
+    """One `model.safetensors` when the model fits in `shard_bytes` (the tiny default), else HF-style
+    `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, written shard by shard.
+    Tensors come from one generator in `expected_shapes` order, so their values do not depend on
+    `shard_bytes`."""
     out.mkdir(parents=True, exist_ok=True)
     raw = llm_config(size)
     config = parse_config(raw)
-    generator = torch.Generator().manual_seed(seed)
     shapes = expected_shapes(config)
-    total = sum(torch.Size(s).numel() for s in shapes.values()) * 2
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for count, (name, shape) in enumerate(shapes.items(), 1):
-        tensor = random_tensor(name, shape, generator)
-        if name == "audio_decoder_proj.audio_lm_head.weight":
-            tensor[config.stream_eos_id] *= EOS_ROW_SCALE  # codebook 0, stream EOS
-        if name == "audio_decoder_proj.text_lm_head.weight":
-            tensor[config.eot_token_id] *= EOT_ROW_SCALE
-        nbytes = tensor.numel() * 2
-        if shard_bytes and shard_bytes + nbytes > SHARD_BYTES:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor
-        shard_bytes += nbytes
-        if count % max(1, len(shapes) // 10) == 0:
-            log(f"[tiny] {size}: generated {count}/{len(shapes)} tensors")
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata=metadata)
+    plan = shard_plan(shapes, shard_bytes)
+    if len(plan) == 1:
+        filenames = ["model.safetensors"]
     else:
-        weight_map = {}
-        for index, shard in enumerate(shards, 1):
-            filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / filename), metadata=metadata)
-            weight_map.update({name: filename for name in shard})
-            shard.clear()
+        filenames = [f"model-{index:05d}-of-{len(plan):05d}.safetensors" for index in range(1, len(plan) + 1)]
+    generator = torch.Generator().manual_seed(seed)
+    started = time.time()
+    total = 0
+    for filename, names in zip(filenames, plan):
+        nbytes = _write_shard(out / filename, names, shapes, config, generator)
+        total += nbytes
+        log(f"[tiny] {size}: {filename} {nbytes / 1e9:.2f} GB ({len(names)} tensors), {time.time() - started:.0f} s")
+    if len(plan) > 1:
+        weight_map = {name: filename for filename, names in zip(filenames, plan) for name in names}
         with open(out / INDEX_FILE, "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(out / "config.json", "w") as f:

@@ -109,6 +109,43 @@ def test_cache_is_updated_in_place_at_the_write_position(tiny_artifacts):
     assert changed.tolist() == [[0, 5], [1, runtime.scratch_position], [2, 9]]
 
 
+def test_the_cpu_cache_grows_and_shrinks_in_length_buckets_without_changing_a_logit(tiny_artifacts):
+    """Three sequences prefill and decode across bucket edges beside a runtime whose cache holds max_len
+    rows from the start: every logit agrees, the buffers grow 16 -> 32 -> 64 (max_len) rows with the
+    longest sequence, and shrink back once the long sequences have ended."""
+    manifest = Manifest.load(tiny_artifacts)
+    spec = manifest.model
+    bucketed = OrtBackbone(manifest, max_batch=4, max_len=64, min_bucket=8)
+    fixed = OrtBackbone(manifest, max_batch=4, max_len=64, min_bucket=None)
+    assert (bucketed.cache_rows, fixed.cache_rows) == (8, 64)
+    rng = np.random.default_rng(5)
+    slots = np.array([0, 2, 3])
+    lengths = np.array([5, 3, 12])  # slot 3's prompt alone needs the 16-row bucket
+    for slot, length in zip(slots, lengths):
+        ids, codes, mask = rng.integers(0, spec.vocab_size, length), np.zeros((length, spec.num_codebooks), np.int64), np.zeros(length, bool)
+        a, b = bucketed.prefill(slot, ids, codes, mask), fixed.prefill(slot, ids, codes, mask)
+        np.testing.assert_allclose(a.text, b.text, rtol=1e-5, atol=1e-5)
+    rows = [bucketed.cache_rows]
+    for _ in range(20):
+        codes = rng.integers(0, spec.codebook_size, (len(slots), spec.num_codebooks))
+        a, b = bucketed.audio_step(slots, codes, lengths), fixed.audio_step(slots, codes, lengths)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        lengths += 1
+        rows.append(bucketed.cache_rows)
+    assert sorted(set(rows)) == [16, 32, 64] and rows == sorted(rows)
+    for layer in range(spec.num_layers):
+        for kind in ("key", "value"):
+            for slot, length in zip(slots, lengths):
+                np.testing.assert_allclose(bucketed.cache_view(layer, kind)[slot, :, :length],
+                                           fixed.cache_view(layer, kind)[slot, :, :length], rtol=1e-5, atol=1e-6)
+
+    bucketed.release(2), bucketed.release(3)  # slot 0 holds 25 positions: the 32-row bucket fits it
+    codes = rng.integers(0, spec.codebook_size, (1, spec.num_codebooks))
+    a, b = bucketed.audio_step(slots[:1], codes, lengths[:1]), fixed.audio_step(slots[:1], codes, lengths[:1])
+    assert bucketed.cache_rows == 32
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_split_prefill_equals_the_prefill_graph(tiny_artifacts):
     rng = np.random.default_rng(3)
     length = 30

@@ -44,7 +44,7 @@ def section_steps(ws: Workspace, cfg: Config, log: Log) -> Section:
         tokens = rng.integers(0, 128000, (max_batch,))
         for threads in thread_counts:
             torch.set_num_threads(threads)
-            runtime = OrtBackbone(manifest, max_batch=max_batch, max_len=cfg.max_len, threads=threads)
+            runtime = OrtBackbone(manifest, max_batch=max_batch, max_len=cfg.max_len, threads=threads, min_bucket=None)  # torch's cache size
             for slot in range(max_batch):
                 runtime.prefill(slot, ids[slot], np.zeros((ctx, spec.num_codebooks), np.int64), np.zeros(ctx, bool))
             for graph in ("audio", "text"):
