@@ -216,6 +216,7 @@ class Engine:
         self.runtime.text_step(np.array([slot]), np.array([spec.bos_token_id]), np.array([2]))
         logits = self.runtime.audio_step(np.array([slot]), np.full((1, spec.num_codebooks), spec.stream_bos_id), np.array([3]))
         self.sampler(logits, np.ones(1), np.zeros(1, np.int64), np.ones(1), np.zeros((1, 2, spec.num_codebooks)))
+        self.runtime.release(slot)
         if self.codec is not None:
             self.codec.decode(np.zeros((self.codec.num_quantizers, 2 * self.codec.context_frames + 1), np.int64))
         self._ready.set()

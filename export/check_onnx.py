@@ -7,15 +7,17 @@ outputs for them, then runs `polygraphy run GRAPH --onnxrt --load-inputs ... --l
 (printed, so it can be re-run by hand). Checkpoints default to the ones recorded in manifest.json.
 
 Quantized graphs (make export DTYPE=int4|int8) are checked against their own float32 reference: the
-torch model holding the very weights the graphs store, dequantized (export.quantize.dequantized_weights),
-within export.quantize.QUANTIZED_RTOL x max |reference| per output. That catches a broken graph (a weight
-packed into the wrong place), not the quantization error, which is then reported against the float32
-graphs they were made from (export.quantize.agreement: numbers, no gate).
+torch model holding the very weights the graphs store, dequantized (export.quantize.dequantized_weights:
+weight products and embedding tables), within export.quantize.QUANTIZED_RTOL x max |reference| per output.
+That catches a broken graph (a weight or table packed into the wrong place), not the quantization error,
+which is then reported against the float32 graphs they were made from (export.quantize.agreement: numbers,
+no gate).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import subprocess
 import sys
 import tempfile
@@ -82,16 +84,23 @@ def _codec_feeds(rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
 
 
 def _load_dequantized(model, artifacts: Path) -> None:
-    """Give `model` the weights the quantized graphs in `artifacts` compute with."""
+    """Give `model` the weights the quantized graphs in `artifacts` compute with. Parameters of equal values (a
+    tied text head and embedding) all get the dequantized values of the one tensor a float32 export stores for
+    them (quantizing equal rows gives equal codes, so this holds for a streamed export's two copies too)."""
     params = dict(model.named_parameters())
+    equal: dict[tuple, list[str]] = {}
+    for name, param in params.items():
+        equal.setdefault((param.shape, hashlib.sha256(param.numpy()).digest()), []).append(name)
+    twins = {name: names for names in equal.values() for name in names}
     for name, weight in dequantized_weights(artifacts):
         if name not in params or params[name].shape != weight.shape:
-            # the float32 export stores identical tensors once under one name (a tied head and embedding),
-            # so what export.quantize made of it cannot be mapped back onto the model's parameters
+            # the float32 export names bytes no parameter holds after the exporter's initializer: what
+            # export.quantize made of such a tensor cannot be mapped back onto the model's parameters
             raise ValueError(f"{artifacts}: quantized weight {name!r} is not a model parameter of that shape (quantized "
                              "by python -m export.quantize from a float32 export with shared tensors); re-export with "
                              "make export DTYPE=int4|int8, which names every weight after its checkpoint tensor")
-        params[name].copy_(torch.from_numpy(weight))
+        for twin in twins[name]:
+            params[twin].copy_(torch.from_numpy(weight))
 
 
 def _quantized_atol(outputs: list[dict]) -> dict[str, float]:

@@ -1,26 +1,45 @@
-"""Weight-only quantized backbone graphs: MatMul weights -> ONNX Runtime's `MatMulNBits` (int4 / int8).
+"""Weight-only quantized backbone graphs: MatMul weights -> ONNX Runtime's `MatMulNBits`, embedding tables ->
+`GatherBlockQuantized` (int4 / int8).
 
     python -m export.quantize --artifacts FP32_DIR --out DIR --bits 4|8 [--block-size 32] [--accuracy-level 4]
 
 Why: on the CPU an audio step is bound by reading weights (4.03 GB per step for the 1B in float32);
-4-bit blocks read ~1/7 of that. `make export DTYPE=int4|int8` runs `rewrite_graph` on graphs traced
-without weights, reading the checkpoint (export/streamed.py); this command quantizes an existing
-float32 export instead.
+4-bit blocks read ~1/7 of that. The text embedding is the largest single tensor (128256 x hidden: 1.05 GB
+of float32 at the 1B, 1.6 GB at the 3B); at int4 it is 1/6.4 of that (the 1B int4 weights.bin: 2.40 ->
+1.46 GB). ONNX Runtime memory-maps it and a server touches only the rows of the tokens it reads, so this
+saves disk and page cache, not RSS (docs/cpu.md). `make export DTYPE=int4|int8` runs `rewrite_graph` on
+graphs traced without weights, reading the checkpoint (export/streamed.py); this command quantizes an
+existing float32 export instead.
 
 What changes: every MatMul / Gemm(transB) whose weight is a 2-D initializer becomes a
 com.microsoft `MatMulNBits` (symmetric blocks along K, no zero-point input: the kernel's default
-zero point 2^(bits-1) applies). Embeddings (Gather), norms and graph constants stay float32, and
-activations, logits and the KV cache stay float32 (the manifest's `dtype`). The three graphs still
-share one `weights.bin`: a weight read by several graphs is quantized and stored once. Tensors are
-quantized one block of rows at a time (from the memory-mapped float32 file, or from one checkpoint
-tensor in float32), so peak RSS stays near the largest tensor, whatever the model size.
+zero point 2^(bits-1) applies), and every Gather (axis 0) from a 2-D float32 initializer (the text
+embedding, the audio codebook embedding) a com.microsoft `GatherBlockQuantized` with the same bits,
+blocks and packing along the row. Norms and graph constants stay float32, and activations, logits and
+the KV cache stay float32 (the manifest's `dtype`). The three graphs still share one `weights.bin`: a
+weight read by several graphs or nodes is quantized and stored once (a tied text head and embedding, which
+the float32 export stores once, too: the two ops read the same bytes). Tensors are quantized one block
+of rows at a time (from the memory-mapped float32 file, or from one checkpoint tensor in float32), so
+peak RSS stays near the largest tensor, whatever the model size.
 
 Checks: `QUANTIZED_RTOL` and `dequantized_weights` are check-onnx's gate (a misplaced weight fails it),
 `agreement` / `distance_report` the numbers against float32 that check-onnx, verify and bench report.
 
-Op reference: onnxruntime docs/ContribOperators.md, com.microsoft.MatMulNBits (onnxruntime 1.32):
-B is uint8 (N, ceil(K / block_size), block_size * bits / 8) with codes packed low bits first along K,
-scales (N * k_blocks) in A's dtype, y = A dequant(B)^T with dequant = (code - zero_point) * scale.
+Op reference, onnxruntime 1.32.0: docs/ContribOperators.md, which is the text of the schemas the installed
+wheel prints (onnxruntime.capi.onnxruntime_pybind11_state.get_all_operator_schema(); its CPU kernels:
+get_all_opkernel_def()):
+- com.microsoft.MatMulNBits: B is uint8 (N, ceil(K / block_size), block_size * bits / 8) with codes packed
+  low bits first along K, scales (N, k_blocks) in A's dtype, y = A dequant(B)^T with
+  dequant = (code - zero_point) * scale, zero point 2^(bits-1) when none is given.
+- com.microsoft.GatherBlockQuantized (CPU kernel: onnxruntime/contrib_ops/cpu/quantization/
+  gather_block_quantized.cc):
+  uint8 data takes bits 2, 4 or 8, packed low bits first along the last axis, which must be quantize_axis,
+  and gather_axis must be 0; scales have data's rank with ceil(row / block_size) blocks on quantize_axis;
+  without zero_points the zero point is 2^(bits-1) for uint8 (0 for the int4 / uint4 types, which would
+  need codes other than quantize_blocks'). An index out of range gives a row of zeros (ONNX Gather fails).
+  So a table of N rows of K is exactly MatMulNBits' B bytes seen as (N, k_blocks * blob) with the same
+  (N, k_blocks) scales, provided K is a whole number of blocks (the op does not pad: its output row is the
+  whole unpacked data row).
 """
 
 from __future__ import annotations
@@ -46,10 +65,11 @@ DEFAULT_BLOCK_SIZE = 32  # issue 13: 1B audio step 3.75x faster than float32 at 
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations inside the kernel (MLAS's fastest CPU path)
 ROWS_PER_BLOCK = 4096  # output rows (N) quantized at a time: bounds RSS for the 128k-row text head
 # check-onnx gate: |quantized graph - float32 model holding the same dequantized weights| <= RTOL x max |reference|,
-# per output. Healthy graphs (accuracy_level 4 rounds activations to int8 in the kernel): tiny int8 / int4 < 0.009,
-# 1B int4 audio graph 0.016. One weight swapped with another of its shape: tiny 0.23-0.35 (tests/test_quantize.py),
-# 1B 0.21-0.34 in layers 0-1 and 0.126 in the last layer. Quality against the float32 weights is not gated:
-# `agreement` reports it.
+# per output. Healthy graphs (accuracy_level 4 rounds activations to int8 in the kernel), largest over check-onnx's
+# feeds and outputs: tiny int8 / int4 0.016 / 0.018 with float32 embeddings, 0.024 / 0.012 with quantized ones;
+# 1B int4 audio graph 0.016, text graph 0.026 (quantized embeddings). One weight swapped with another of its shape: tiny
+# 0.23-0.35 (tests/test_quantize.py), 1B 0.21-0.34 in layers 0-1 and 0.126 in the last layer; an embedding table
+# read from its head's bytes: 1B 1.2-1.6. Quality against the float32 weights is not gated: `agreement` reports it.
 QUANTIZED_RTOL = 0.05
 
 
@@ -102,7 +122,8 @@ class WeightsFile:
         return self.done[key][0]
 
     def quantized(self, key, name: str, rows, n: int, k: int, bits: int, block_size: int) -> list[onnx.TensorProto]:
-        """rows(n0, n1) -> float32 (n1 - n0, K) slice of the (N, K) weight; writes codes then scales."""
+        """rows(n0, n1) -> float32 (n1 - n0, K) slice of the (N, K) weight; writes codes (N, k_blocks, blob) then
+        scales (N, k_blocks), the layout both MatMulNBits and GatherBlockQuantized read (`_table_codes`)."""
         if key in self.done:
             return self.done[key]
         blocks = -(-k // block_size)
@@ -114,7 +135,7 @@ class WeightsFile:
                 f.write(codes.tobytes())
 
         codes = self._external(f"{name}.q{bits}", TensorProto.UINT8, [n, blocks, block_size * bits // 8], write_codes)
-        scale = self._external(f"{name}.scales", TensorProto.FLOAT, [n * blocks], lambda f: f.write(scales.tobytes()))
+        scale = self._external(f"{name}.scales", TensorProto.FLOAT, [n, blocks], lambda f: f.write(scales.tobytes()))
         self.done[key] = [codes, scale]
         return self.done[key]
 
@@ -126,12 +147,19 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _stored_matrix(name: str, initializers: dict[str, onnx.TensorProto]) -> bool:
+    """Whether `name` is a 2-D float32 initializer in weights.bin (a weight, not a graph constant)."""
+    weight = initializers.get(name)
+    return (weight is not None and weight.data_type == TensorProto.FLOAT and len(weight.dims) == 2
+            and weight.data_location == TensorProto.EXTERNAL)
+
+
 def _weight_layout(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> str | None:
-    """'KN' (MatMul x W), 'NK' (Gemm x W^T, no bias), or None when the node is not a weight product."""
-    if len(node.input) < 2 or node.input[1] not in initializers:
-        return None
-    weight = initializers[node.input[1]]
-    if weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2 or weight.data_location != TensorProto.EXTERNAL:
+    """'KN' (MatMul x W), 'NK' (Gemm x W^T, no bias; Gather of rows of W: the same rows), or None when the
+    node reads no quantizable weight."""
+    if node.op_type == "Gather":
+        return "NK" if _stored_matrix(node.input[0], initializers) and _attrs(node).get("axis", 0) == 0 else None
+    if len(node.input) < 2 or not _stored_matrix(node.input[1], initializers):
         return None
     if node.op_type == "MatMul":
         return "KN"
@@ -157,12 +185,23 @@ class Float32File:
         return self.data[offset : offset + length]
 
 
+def _table_codes(codes: onnx.TensorProto) -> onnx.TensorProto:
+    """The codes of a quantized (N, K) table as GatherBlockQuantized reads them: (N, k_blocks * blob), the very
+    bytes MatMulNBits reads as (N, k_blocks, blob), so no second copy in weights.bin."""
+    n, blocks, blob = codes.dims
+    view = onnx.TensorProto()
+    view.CopyFrom(codes)
+    view.name = f"{codes.name}.rows"
+    view.dims[:] = [n, blocks * blob]
+    return view
+
+
 def rewrite_graph(model: onnx.ModelProto, dst: Path, source, weights: WeightsFile, bits: int | None,
                   block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> tuple[list[str], dict[str, int]]:
     """Write one float32 backbone graph with its external weights taken from `source` (Float32File or
     export.streamed.CheckpointTensors: key(tensor), array(tensor) float32, raw(tensor) bytes) into `weights`:
-    as they are (bits None), or with every weight product turned into MatMulNBits. Returns the weight names
-    the graph reads and their stored sizes."""
+    as they are (bits None), or with every weight product turned into MatMulNBits and every embedding table
+    into GatherBlockQuantized. Returns the weight names the graph reads and their stored sizes."""
     initializers = {t.name: t for t in model.graph.initializer}
     kept: dict[str, onnx.TensorProto] = {}
     nodes = []
@@ -171,18 +210,32 @@ def rewrite_graph(model: onnx.ModelProto, dst: Path, source, weights: WeightsFil
         if layout is None:
             nodes.append(node)
             continue
-        weight = initializers[node.input[1]]
+        table = node.op_type == "Gather"
+        weight = initializers[node.input[0 if table else 1]]
         k, n = weight.dims if layout == "KN" else weight.dims[::-1]
+        if table and k % block_size:  # the op does not pad: its output row is the unpacked data row
+            raise ValueError(f"{weight.name}: rows of {k} are not a whole number of {block_size}-blocks, which "
+                             "GatherBlockQuantized needs; quantize with a block size that divides the hidden size")
 
         def rows(n0, n1, stored=functools.cache(lambda weight=weight: source.array(weight)), layout=layout):
             return stored()[:, n0:n1].T if layout == "KN" else stored()[n0:n1]  # array read once per weight
 
-        codes, scales = weights.quantized((source.key(weight), layout), weight.name.removesuffix(".T"), rows, n, k, bits, block_size)
+        # a float32 export stores a tied head and embedding once, read as `W` and its twin `W#offset` (export/
+        # onnx_export.py `consolidate_weights`): one key, so the Gather and the Gemm share the quantized bytes
+        name = weight.name.split("#")[0].removesuffix(".T")
+        codes, scales = weights.quantized((source.key(weight), layout), name, rows, n, k, bits, block_size)
+        if table:
+            codes = _table_codes(codes)
+            nodes.append(helper.make_node(
+                "GatherBlockQuantized", [codes.name, node.input[1], scales.name], list(node.output), name=node.name,
+                domain="com.microsoft", bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1,
+            ))
+        else:
+            nodes.append(helper.make_node(
+                "MatMulNBits", [node.input[0], codes.name, scales.name], list(node.output), name=node.name,
+                domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level,
+            ))
         kept[codes.name], kept[scales.name] = codes, scales
-        nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], codes.name, scales.name], list(node.output), name=node.name,
-            domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level,
-        ))
     used = {name for node in nodes for name in node.input}
     for tensor in model.graph.initializer:
         if tensor.name not in used or tensor.name in kept:
@@ -209,9 +262,11 @@ def quantization_entry(bits: int, float32_source: Path | None, block_size: int =
                        accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:
     """The manifest's "quantization" record; float32_source: the float32 graphs of the same weights, if kept."""
     return {
-        "op": "com.microsoft.MatMulNBits", "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
-        "symmetric": True, "float32_source": str(float32_source.resolve()) if float32_source else None,
-        "float32": "embeddings, norms, activations, logits, KV cache",
+        "op": "com.microsoft.MatMulNBits", "embedding_op": "com.microsoft.GatherBlockQuantized", "bits": bits,
+        "block_size": block_size, "accuracy_level": accuracy_level, "symmetric": True,
+        "float32_source": str(float32_source.resolve()) if float32_source else None,
+        "quantized": "weight products (attention, FFNs, heads) and embedding tables (text, audio codebooks)",
+        "float32": "norms, activations, logits, KV cache",
     }
 
 
@@ -259,23 +314,27 @@ def _stored(source: np.memmap, tensor: onnx.TensorProto, dtype) -> np.ndarray:
     return np.ndarray((length // np.dtype(dtype).itemsize,), dtype, source, offset)
 
 
+_QUANTIZED_OPS = {"MatMulNBits": 1, "GatherBlockQuantized": 0}  # op -> index of its codes input; scales: input 2
+
+
 def dequantized_weights(artifacts: Path):
     """(checkpoint tensor name, (N, K) float32) for every weight the quantized graphs store, each once: the
-    values the MatMulNBits kernels multiply by, i.e. the float32 reference of exactly these graphs."""
+    values the MatMulNBits kernels multiply by and the GatherBlockQuantized kernels look up, i.e. the float32
+    reference of exactly these graphs."""
     source = np.memmap(Path(artifacts) / WEIGHTS_FILE, np.uint8, mode="r")
     seen = set()
     for file in BACKBONE_GRAPHS.values():
         model = onnx.load(str(Path(artifacts) / file), load_external_data=False)
         initializers = {t.name: t for t in model.graph.initializer}
         for node in model.graph.node:
-            if node.op_type != "MatMulNBits" or node.input[1] in seen:
+            if node.op_type not in _QUANTIZED_OPS or node.input[2] in seen:  # a tied head and table share scales
                 continue
-            seen.add(node.input[1])
-            attrs = _attrs(node)
-            n, blocks = attrs["N"], -(-attrs["K"] // attrs["block_size"])
-            codes = _stored(source, initializers[node.input[1]], np.uint8).reshape(n, blocks, -1)
-            scales = _stored(source, initializers[node.input[2]], np.float32).reshape(n, blocks)
-            yield node.input[1].rsplit(".", 1)[0], dequantize_blocks(codes, scales, attrs["bits"], attrs["K"])
+            seen.add(node.input[2])
+            attrs, codes = _attrs(node), initializers[node.input[_QUANTIZED_OPS[node.op_type]]]
+            scales = _stored(source, initializers[node.input[2]], np.float32).reshape(codes.dims[0], -1)
+            codes = _stored(source, codes, np.uint8).reshape(*scales.shape, -1)
+            k = attrs.get("K", scales.shape[1] * attrs["block_size"])  # a table is whole blocks
+            yield node.input[2].removesuffix(".scales"), dequantize_blocks(codes, scales, attrs["bits"], k)
 
 
 def distance_report(artifacts: Path, frames: int = 200) -> str:

@@ -10,8 +10,9 @@ Here the three graphs are traced on fake tensors (shapes only, no weight data; t
 the optimizer cannot fold them. Each weight then becomes an external initializer named after its
 checkpoint tensor, and `Transpose(W) -> MatMul` becomes MatMul on a stored `W.T`, as the float32
 export stores it. export.quantize.rewrite_graph finally writes weights.bin tensor by tensor from the
-memory-mapped safetensors: float32 (the reference graphs), or quantized to MatMulNBits. Peak RSS is the
-tracer plus the largest single tensor in float32, whatever the model size.
+memory-mapped safetensors: float32 (the reference graphs), or quantized (weight products to MatMulNBits,
+embedding tables to GatherBlockQuantized). Peak RSS is the tracer plus the largest single tensor in
+float32, whatever the model size.
 """
 
 from __future__ import annotations

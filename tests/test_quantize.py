@@ -1,7 +1,7 @@
-"""Weight-only quantized backbone graphs (export/quantize.py): the packing against the MatMulNBits
-kernel, the tiny export quantized end to end against its float32 graphs, and the check-onnx / verify
-gate and report for quantized graphs (a misplaced weight must fail check-onnx), and the streamed export
-(export/streamed.py) against the torch exporter's graphs."""
+"""Weight-only quantized backbone graphs (export/quantize.py): the packing against the MatMulNBits and
+GatherBlockQuantized kernels, the tiny export quantized end to end against its float32 graphs, and the
+check-onnx / verify gate and report for quantized graphs (a misplaced weight or table must fail
+check-onnx), and the streamed export (export/streamed.py) against the torch exporter's graphs."""
 
 from __future__ import annotations
 
@@ -16,21 +16,28 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export import check_onnx
 from export.config import load_config
+from export.onnx_export import external_location, point_to_weights
 from export.quantize import agreement, dequantize_blocks, quantize_artifacts, quantize_blocks
 from goldens import requires_golden
 
 
-def _matmul_nbits(codes, scales, k, n, bits, block_size):
-    """A one-node graph of the kernel, accuracy_level 0 (float32 compute) so only the packing is tested."""
-    node = helper.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft",
-                            K=k, N=n, bits=bits, block_size=block_size, accuracy_level=0)
+def _one_node(op: str, x: str, x_type: int, codes, scales, **attrs):
+    """A one-node graph of a com.microsoft kernel reading `codes` as input "b" and `scales` (N, k_blocks) as "s",
+    as the quantized exports store them."""
+    inputs = {"MatMulNBits": [x, "b", "s"], "GatherBlockQuantized": ["b", x, "s"]}[op]
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(codes, "b"), numpy_helper.from_array(scales.reshape(-1), "s")],
+        [helper.make_node(op, inputs, ["y"], domain="com.microsoft", **attrs)], "g",
+        [helper.make_tensor_value_info(x, x_type, None)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(codes, "b"), numpy_helper.from_array(scales, "s")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _matmul_nbits(codes, scales, k, n, bits, block_size):
+    """accuracy_level 0 (float32 compute) so only the packing is tested."""
+    return _one_node("MatMulNBits", "a", TensorProto.FLOAT, codes, scales,
+                     K=k, N=n, bits=bits, block_size=block_size, accuracy_level=0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -50,6 +57,25 @@ def test_packing_is_what_the_kernel_reads(bits):
     np.testing.assert_allclose(y, a @ dequantized.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_table_is_the_matmul_packing_seen_as_rows(bits):
+    """GatherBlockQuantized (uint8 data, default zero point 2^(bits-1)) reads MatMulNBits' B bytes as (N, k_blocks
+    * blob) with the same scales: it returns exactly the dequantized rows, negative and 2-D indices included,
+    and the same bytes multiply as the matrix (a tied head and embedding can share them)."""
+    rng = np.random.default_rng(bits)
+    k, n, block = 96, 40, 32
+    table = rng.standard_normal((n, k)).astype(np.float32)
+    codes, scales = quantize_blocks(table, bits, block)
+    dequantized = dequantize_blocks(codes, scales, bits, k)
+    ids = np.array([[0, 7, n - 1], [-1, 7, 3]])
+    rows = _one_node("GatherBlockQuantized", "ids", TensorProto.INT64, codes.reshape(n, -1), scales,
+                     bits=bits, block_size=block, gather_axis=0, quantize_axis=1).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(rows, dequantized[ids])
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    y = _matmul_nbits(codes, scales, k, n, bits, block).run(None, {"a": a})[0]
+    np.testing.assert_allclose(y, a @ dequantized.T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def int4(tiny_artifacts, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-int4")
@@ -61,26 +87,30 @@ def test_quantized_graphs_share_one_weights_file(tiny_artifacts, int4):
     manifest = json.loads((int4 / "manifest.json").read_text())
     assert manifest["dtype"] == "float32"  # activations, logits and KV cache
     assert manifest["quantization"]["bits"] == 4 and manifest["quantization"]["block_size"] == 32
+    assert manifest["quantization"]["embedding_op"] == "com.microsoft.GatherBlockQuantized"
     stored: dict[str, tuple] = {}
     for key in ("prefill", "text", "audio"):
         model = onnx.load(str(int4 / manifest["graphs"][key]["file"]), load_external_data=False)
         ops = {node.op_type for node in model.graph.node}
-        assert "MatMulNBits" in ops and "MatMul" not in ops and "Gemm" not in ops
+        assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" not in ops and "Gemm" not in ops
+        external = {t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+        assert not [node.name for node in model.graph.node if node.op_type == "Gather" and node.input[0] in external]
         for tensor in model.graph.initializer:
             if tensor.data_location == TensorProto.EXTERNAL:
                 place = {e.key: e.value for e in tensor.external_data}
                 assert stored.setdefault(tensor.name, (place["offset"], place["length"])) == (place["offset"], place["length"])
-    float32 = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]["audio"]["reads"]
-    reads = manifest["graphs"]["audio"]["reads"]
-    for group in ("attention", "audio_ffn", "audio_head"):  # 4 bits + a float32 scale per 32 weights
-        assert reads[group] < float32[group] / 6
-    assert reads["audio_embedding"] == float32["audio_embedding"]  # Gather: kept float32
+    float32 = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]
+    groups = {"audio": ("attention", "audio_ffn", "audio_head", "audio_embedding"), "text": ("text_head", "text_embedding")}
+    for key in groups:
+        for group in groups[key]:  # 4 bits + a float32 scale per 32 weights
+            assert manifest["graphs"][key]["reads"][group] * 32 == float32[key]["reads"][group] * 5, (key, group)
     assert (int4 / "weights.bin").stat().st_size < (tiny_artifacts / "weights.bin").stat().st_size
 
 
 def test_quantized_logits_follow_float32(tiny_artifacts, int4):
-    """Random weights: a sanity bound (a wrong nibble order or zero point gives errors ~ the logits)."""
-    report = agreement(tiny_artifacts, int4, frames=20)
+    """Random weights: a sanity bound (a wrong nibble order or zero point gives errors ~ the logits). 200 frames:
+    with the embeddings quantized too, one codebook's top-1 over the first 20 is 45% (72-79% over 200)."""
+    report = agreement(tiny_artifacts, int4, frames=200)
     assert report["logits_max_rel"] < 0.4
     assert min(report["top1_per_codebook"]) >= 0.5
 
@@ -92,6 +122,12 @@ def test_refuses_non_float32_source(tiny_artifacts, tmp_path):
     (source / "manifest.json").write_text(json.dumps({**manifest, "dtype": "bfloat16"}))
     with pytest.raises(ValueError, match="quantize a float32 export"):
         quantize_artifacts(source, tmp_path / "out", bits=4)
+
+
+def test_refuses_a_block_size_that_does_not_divide_the_embedding(tiny_artifacts, tmp_path):
+    """GatherBlockQuantized does not pad a row (MatMulNBits does): the tiny hidden size is 64."""
+    with pytest.raises(ValueError, match="not a whole number of 128-blocks"):
+        quantize_artifacts(tiny_artifacts, tmp_path / "out", bits=4, block_size=128, log=lambda _: None)
 
 
 def test_make_export_int8_keeps_its_float32_reference(tiny_checkpoint, tmp_path):
@@ -133,6 +169,31 @@ def test_check_onnx_fails_a_misplaced_weight(int4, tmp_path, first, second):
     shutil.copytree(int4, broken)
     _swap_weights(broken / "backbone_audio.onnx", first, second)
     assert check_onnx.main(["--artifacts", str(broken), "--graphs", "audio"]) == 1
+
+
+def _point_table_at(artifacts, key: str, table: str, weight: str) -> None:
+    """Make the GatherBlockQuantized node of `table` read the codes and scales of the quantized `weight` of the
+    same shape (a table wired to the wrong tensor)."""
+    graph = artifacts / f"backbone_{key}.onnx"
+    model = onnx.load(str(graph), load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized" and n.input[2] == f"{table}.scales")
+    point_to_weights(initializers[node.input[0]], *external_location(initializers[f"{weight}.q4"])[1:])
+    node.input[2] = f"{weight}.scales"
+    onnx.save(model, str(graph))
+
+
+@pytest.mark.parametrize("key, table, weight", [
+    ("text", "embed_tokens.weight", "audio_decoder_proj.text_lm_head.weight"),
+    ("audio", "audio_codebook_embeddings.weight", "audio_decoder_proj.audio_lm_head.weight"),
+])
+def test_check_onnx_fails_a_misplaced_table(int4, tmp_path, key, table, weight):
+    """The gate's reference holds the dequantized tables, so a table wired to another tensor of its shape fails.
+    (Bytes corrupted inside weights.bin cannot fail it: the reference is dequantized from those same bytes.)"""
+    broken = tmp_path / "broken"
+    shutil.copytree(int4, broken)
+    _point_table_at(broken, key, table, weight)
+    assert check_onnx.main(["--artifacts", str(broken), "--graphs", key]) == 1
 
 
 @requires_golden
@@ -182,3 +243,39 @@ def test_make_export_int4_straight_from_the_checkpoint(tiny_checkpoint, int4, tm
     config = load_config(tiny_checkpoint / "llm")
     for got, want in zip(_outputs(out, config), _outputs(int4, config), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def tied_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with its text head equal to its text embedding (tie_word_embeddings in its values)."""
+    from safetensors.torch import load_file, save_file
+
+    llm = tmp_path_factory.mktemp("tied") / "llm"
+    shutil.copytree(tiny_checkpoint / "llm", llm)
+    tensors = load_file(llm / "model.safetensors")
+    tensors["audio_decoder_proj.text_lm_head.weight"] = tensors["embed_tokens.weight"].clone()
+    save_file(tensors, str(llm / "model.safetensors"), metadata={"format": "pt"})
+    return llm
+
+
+def test_a_tied_head_and_embedding_are_stored_once(tied_checkpoint, tmp_path):
+    """The float32 export stores a tied head and embedding once (the Gather reads `W`, the head's Gemm its twin
+    name `W#offset`); quantized, the head's MatMulNBits and the table's GatherBlockQuantized read the same bytes,
+    compute what the streamed export's two copies (one per checkpoint tensor) compute, and pass the gate (whose
+    reference gives both parameters the one dequantized tensor)."""
+    from export.__main__ import main, run
+
+    float32 = run(tied_checkpoint, None, tmp_path / "float32", "float32").parent
+    shared = quantize_artifacts(float32, tmp_path / "shared", bits=4, log=lambda _: None).parent
+    model = onnx.load(str(shared / "backbone_text.onnx"), load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    table = next(node for node in model.graph.node if node.op_type == "GatherBlockQuantized")
+    head = next(node for node in model.graph.node if node.op_type == "MatMulNBits" and node.input[2] == table.input[2])
+    assert external_location(initializers[table.input[0]]) == external_location(initializers[head.input[1]])
+
+    streamed = tmp_path / "streamed"
+    assert main(["--checkpoint", str(tied_checkpoint), "--out", str(streamed), "--dtype", "int4", "--no-float32-reference"]) == 0
+    config = load_config(tied_checkpoint)
+    for got, want in zip(_outputs(shared, config), _outputs(streamed, config), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert check_onnx.main(["--artifacts", str(shared), "--graphs", "text"]) == 0
