@@ -41,7 +41,7 @@ FUZZ_SECONDS ?= 150
 help:
 	@echo "make demo      set up, build the tiny default (checkpoint + ONNX) and synthesise $(WAV)"
 	@echo "make test      set up and run the test suite"
-	@echo "make export    CHECKPOINT=DIR CODEC=DIR OUT=DIR [DTYPE=float32|float16|bfloat16|int8|int4] [NO_FLOAT32_REFERENCE=1: int8/int4 without OUT/float32]"
+	@echo "make export    CHECKPOINT=DIR CODEC=DIR OUT=DIR [DTYPE=float32|float16|bfloat16|int8|int4] [NO_FLOAT32_REFERENCE=1: int8/int4 without OUT/float32] [BLOCK_SIZE=32] [ACCURACY_LEVEL=4]"
 	@echo "make verify    CHECKPOINT=DIR GOLDEN=FILE [ARTIFACTS=DIR]"
 	@echo "make check-onnx ARTIFACTS=DIR [CHECKPOINT=DIR] polygraphy: ONNX Runtime vs torch reference (default: the exported checkpoint; int8/int4: docs/cpu.md)"
 	@echo "make engine    ARTIFACTS=DIR [PRECISION=fp16|bf16|fp32] [MAX_BATCH=..] [MAX_LEN=..] [NO_PREFILL=1]"
@@ -79,7 +79,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 export: $(STAMP) $(if $(filter $(TINY)/%,$(CHECKPOINT)),$(TINY)/.done)
-	$(PY) -m export --checkpoint $(CHECKPOINT) $(if $(CODEC),--codec $(CODEC)) --out $(OUT) --dtype $(DTYPE) $(if $(NO_FLOAT32_REFERENCE),--no-float32-reference)
+	$(PY) -m export --checkpoint $(CHECKPOINT) $(if $(CODEC),--codec $(CODEC)) --out $(OUT) --dtype $(DTYPE) $(if $(NO_FLOAT32_REFERENCE),--no-float32-reference) $(if $(BLOCK_SIZE),--block-size $(BLOCK_SIZE)) $(if $(ACCURACY_LEVEL),--accuracy-level $(ACCURACY_LEVEL))
 
 verify: $(STAMP)
 	@test -n "$(GOLDEN)" || { echo "usage: make verify CHECKPOINT=DIR GOLDEN=FILE [ARTIFACTS=DIR]"; exit 2; }

@@ -7,7 +7,7 @@ time + peak RSS (v2.5-1b in bf16 and fp16), load_backbone time + peak RSS, weigh
 Engine.step loop vs raw graph step, time to first audio, batch 4; 4 `codec` encoder / decoder
 (one-shot and streaming) ORT vs torch, tiny and real-size codec; 5 `host` host overhead per step
 (Engine.step over a zero-cost backbone, batch 1-64) beside the real ORT audio step; 6 `real` the v2.5-1b
-in float32 / int8 / int4 with the real-size codec. One module per section in bench/sections/; they
+in float32 / int8 / int4 and the v2-3b in int4 (streamed export) with the real-size codec. One module per section in bench/sections/; they
 run on bench/workspace.py (builds), bench/profiling.py (measuring) and bench/harness.py (driving the
 engine). Everything is built from fresh random checkpoints in a temporary folder that is removed at
 the end. A full run (no --quick, no --only) writes its results into the CPU section of docs/benchmarks.md.

@@ -106,6 +106,14 @@ class Workspace:
                                   lambda out: ["-m", "export.quantize", "--artifacts", str(self.artifacts(size)), "--out", str(out),
                                                "--bits", bits])
 
+    def streamed(self, size: str, scheme: str) -> Path:
+        """`scheme` (int8 | int4) exported straight from the random `size` checkpoint (export/streamed.py,
+        one weight tensor in RAM at a time) without the float32 reference in OUT/float32: a 3B's is 23 GB,
+        and `quantized` would first export all of it in float32."""
+        return self.made_by_child(f"onnx-{size}-{scheme}-streamed", f"exporting {size} ({scheme}, streamed)",
+                                  lambda out: ["-m", "export", "--checkpoint", str(self.checkpoint(size)), "--out", str(out),
+                                               "--dtype", scheme, "--no-float32-reference"])
+
     def codec(self, size: str) -> Path:
         """Random codec checkpoint of export.tiny_codec's `size`."""
         return self.made_by_child(f"codec-{size}", f"writing random {size} codec",

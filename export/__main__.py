@@ -1,6 +1,7 @@
 """`make export`: checkpoint (+ codec) -> ONNX graphs, shared weights and manifest.json.
 
     python -m export --checkpoint DIR [--codec DIR] --out DIR [--dtype float32|float16|bfloat16|int8|int4]
+                     [--block-size 32] [--accuracy-level 4] [--no-float32-reference]
 
 int8 / int4: weight-only quantized backbone graphs (export/quantize.py) in DIR, written straight from the
 checkpoint one tensor at a time (export/streamed.py: no float32 copy of the model in RAM), with float32
@@ -24,7 +25,7 @@ from .config import ConfigError, load_config
 from .llm import load_backbone
 from .onnx_export import DTYPES, copy_if_present, export_backbone, write_manifest
 from .onnx_sampler import export_audio_sampler
-from .quantize import BITS, quantization_entry
+from .quantize import BITS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, add_scheme_arguments, check_scheme, quantization_entry
 from .streamed import export_streamed
 
 
@@ -44,14 +45,15 @@ def _progress(label: str):
     return report
 
 
-def _backbone(checkpoint: Path, out: Path, dtype_name: str, streamed: bool):
+def _backbone(checkpoint: Path, out: Path, dtype_name: str, streamed: bool, block_size: int, accuracy_level: int):
     """(config, backbone graph entries): through a torch model in `dtype_name`, or streamed (export/streamed.py)."""
     if streamed:
         if dtype_name not in BITS and dtype_name != "float32":
             raise ValueError(f"the streamed export writes float32, int8 or int4 graphs, not {dtype_name}")
         config = load_config(checkpoint)
         _log(f"tracing {checkpoint}'s graphs on fake weights, then writing {dtype_name} weights one tensor at a time")
-        return config, export_streamed(checkpoint, config, out, BITS.get(dtype_name), log=_log)
+        return config, export_streamed(checkpoint, config, out, BITS.get(dtype_name), log=_log, block_size=block_size,
+                                       accuracy_level=accuracy_level)
     _log(f"loading {checkpoint} as {dtype_name}")
     model = load_backbone(checkpoint, DTYPES[dtype_name], progress=_progress("loading"))
     config = model.config
@@ -73,11 +75,11 @@ def _copy_codec(reference: Path, out: Path, graphs: dict) -> dict:
 
 
 def run(checkpoint: Path, codec: Path | None, out: Path, dtype_name: str, streamed: bool = False,
-        float32_source: Path | None = None) -> Path:
+        float32_source: Path | None = None, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> Path:
     """Export into `out`; int8 / int4 are always streamed (float32_source: their float32 reference, if kept,
-    whose codec graphs are then copied)."""
+    whose codec graphs are then copied; block_size / accuracy_level: their quantization)."""
     started = time.time()
-    config, graphs = _backbone(checkpoint, out, dtype_name, streamed or dtype_name in BITS)
+    config, graphs = _backbone(checkpoint, out, dtype_name, streamed or dtype_name in BITS, block_size, accuracy_level)
     _log(f"exporting {graph_file(SAMPLER)} (audio sampling next to the logits)")
     graphs[SAMPLER] = export_audio_sampler(config.num_codebooks, config.codebook_stride, out / graph_file(SAMPLER))
     codec_info = None
@@ -117,7 +119,7 @@ def run(checkpoint: Path, codec: Path | None, out: Path, dtype_name: str, stream
         "source": {"checkpoint": str(checkpoint.resolve()), "codec": str(codec.resolve()) if codec else None},
     }
     if dtype_name in BITS:
-        manifest["quantization"] = quantization_entry(BITS[dtype_name], float32_source)
+        manifest["quantization"] = quantization_entry(BITS[dtype_name], float32_source, block_size, accuracy_level)
     path = write_manifest(out, manifest)
     _log(f"wrote {path} in {time.time() - started:.1f}s")
     return path
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES) + sorted(BITS), default="float32")
     parser.add_argument("--no-float32-reference", action="store_true",
                         help="int8 / int4: skip the float32 graphs in OUT/float32 (the reference check-onnx and verify report against)")
+    add_scheme_arguments(parser)
     args = parser.parse_args(argv)
     if not args.checkpoint.is_dir():
         parser.error(f"--checkpoint {args.checkpoint} is not a directory (CHECKPOINT=DIR with config.json and *.safetensors)")
@@ -138,12 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--codec {args.codec} is not a directory (CODEC=DIR with config.json and model.pth)")
     if args.no_float32_reference and args.dtype not in BITS:
         parser.error(f"--no-float32-reference applies to DTYPE=int4|int8 only (there is no float32 reference of a {args.dtype} export)")
+    scheme = (args.block_size, args.accuracy_level)
+    if args.dtype not in BITS and scheme != (DEFAULT_BLOCK_SIZE, DEFAULT_ACCURACY_LEVEL):
+        parser.error(f"--block-size / --accuracy-level apply to DTYPE=int4|int8 only, not {args.dtype}")
+    if args.dtype in BITS:
+        try:
+            check_scheme(BITS[args.dtype], *scheme)
+        except ValueError as error:
+            parser.error(str(error))
     try:
         if args.dtype in BITS:
             reference = None if args.no_float32_reference else args.out / "float32"
             if reference:
                 run(args.checkpoint, args.codec, reference, "float32", streamed=True)
-            run(args.checkpoint, args.codec, args.out, args.dtype, float32_source=reference)
+            run(args.checkpoint, args.codec, args.out, args.dtype, float32_source=reference, block_size=args.block_size,
+                accuracy_level=args.accuracy_level)
         else:
             run(args.checkpoint, args.codec, args.out, args.dtype)
     except (ConfigError, CheckpointError, ValueError) as error:

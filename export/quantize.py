@@ -270,14 +270,29 @@ def quantization_entry(bits: int, float32_source: Path | None, block_size: int =
     }
 
 
+def check_scheme(bits: int, block_size: int, accuracy_level: int) -> None:
+    """Refuse what MatMulNBits / GatherBlockQuantized do not take (ContribOperators.md, onnxruntime 1.32)."""
+    if bits not in BITS.values() or block_size < 16 or block_size & (block_size - 1) or accuracy_level not in range(5):
+        raise ValueError(f"bits must be 4 or 8, block_size a power of two >= 16 and accuracy_level 0-4, got {bits}, "
+                         f"{block_size} and {accuracy_level}")
+
+
+def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
+    """--block-size / --accuracy-level, shared by python -m export and python -m export.quantize."""
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help=f"int4/int8: weights per quantization block (power of two >= 16; default {DEFAULT_BLOCK_SIZE}, "
+                        "docs/cpu.md measures 32 / 64 / 128)")
+    parser.add_argument("--accuracy-level", type=int, choices=range(5), default=DEFAULT_ACCURACY_LEVEL,
+                        help=f"int4/int8: MatMulNBits accuracy_level (4: int8 activations, default {DEFAULT_ACCURACY_LEVEL})")
+
+
 def quantize_artifacts(src: Path, out: Path, bits: int, block_size: int = DEFAULT_BLOCK_SIZE,
                        accuracy_level: int = DEFAULT_ACCURACY_LEVEL, log=_log) -> Path:
     """float32 artifacts in `src` -> quantized backbone graphs + a copy of everything else in `out`."""
     manifest = json.loads((src / MANIFEST_FILE).read_text())
     if manifest["dtype"] != "float32":
         raise ValueError(f"{src} holds {manifest['dtype']} graphs; quantize a float32 export (make export DTYPE=float32)")
-    if bits not in BITS.values() or block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"bits must be 4 or 8 and block_size a power of two >= 16, got {bits} and {block_size}")
+    check_scheme(bits, block_size, accuracy_level)
     if src.resolve() == out.resolve():
         raise ValueError("quantize into a different directory than the float32 artifacts")
     out.mkdir(parents=True, exist_ok=True)
@@ -403,8 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", type=Path, required=True, help="float32 artifacts (make export DTYPE=float32)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--bits", type=int, choices=sorted(BITS.values()), default=4)
-    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=DEFAULT_ACCURACY_LEVEL)
+    add_scheme_arguments(parser)
     parser.add_argument("--compare", type=int, default=0, metavar="FRAMES",
                         help="then print logits error, top-1 and greedy frame agreement against the float32 graphs over FRAMES steps")
     args = parser.parse_args(argv)

@@ -35,7 +35,7 @@ from .checkpoint import tensor_loaders
 from .config import HiggsConfig
 from .llm import HiggsAudioBackbone, Mode
 from .onnx_export import graph_entry, trace_backbone_graph
-from .quantize import WeightsFile, rewrite_graph
+from .quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, WeightsFile, rewrite_graph
 
 GRAPH_MODES = {"prefill": Mode.MIXED, "text": Mode.TEXT, "audio": Mode.AUDIO}  # manifest graph key -> mode
 _PREFIX = "model."  # the exporter's name for HiggsAudioBackbone inside export/onnx_export._Graph
@@ -124,7 +124,8 @@ def _bind_weights(proto: onnx.ModelProto, weights: set[str], constants: dict[str
     proto.graph.node.extend(kept)
 
 
-def export_streamed(checkpoint: Path, config: HiggsConfig, out: Path, bits: int | None, log=print) -> dict:
+def export_streamed(checkpoint: Path, config: HiggsConfig, out: Path, bits: int | None, log=print,
+                    block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:
     """The three backbone graphs and weights.bin in `out`, float32 (bits None) or quantized; returns their
     manifest entries."""
     out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +141,7 @@ def export_streamed(checkpoint: Path, config: HiggsConfig, out: Path, bits: int 
             started = time.time()
             graph = trace_graph(model, mode, set(loaders), constants)
             traced = time.time() - started
-            names, sizes = rewrite_graph(graph, out / BACKBONE_GRAPHS[key], source, weights, bits)
+            names, sizes = rewrite_graph(graph, out / BACKBONE_GRAPHS[key], source, weights, bits, block_size, accuracy_level)
             entries[key] = graph_entry(out / BACKBONE_GRAPHS[key], names, sizes)
             log(f"{BACKBONE_GRAPHS[key]}: traced in {traced:.1f}s, weights written in {time.time() - started - traced:.1f}s "
                 f"({entries[key]['weight_bytes'] / 2**20:.1f} MiB per call)")

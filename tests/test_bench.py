@@ -1,5 +1,6 @@
-"""The benchmark's pure helpers (bench/common.py): formatting, the docs section writer; and the
-child peak-RSS measurement (bench/profiling.py). No benchmark runs here and nothing is timed."""
+"""The benchmark's pure helpers (bench/common.py): formatting, the docs section writer; the child
+peak-RSS measurement (bench/profiling.py); the workspace's build commands and --keep reuse, and
+section 6's sizes (bench/workspace.py, bench/sections/real.py). No benchmark runs here and nothing is timed."""
 
 from __future__ import annotations
 
@@ -136,3 +137,34 @@ def test_run_measured_failure_output():
     result = run_measured([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
     assert result.returncode == 3 and not result.ok
     assert result.tail().strip() == "boom"
+
+
+def test_streamed_export_without_float32_reference_is_built_once(tmp_path):
+    """Section 6's 3B: checkpoint, then the streamed int4 export with no float32 reference (a 3B's is
+    23 GB); a second run over the same --keep folder builds nothing."""
+    from bench.workspace import Workspace
+
+    def workspace():
+        ws = Workspace(tmp_path, log=lambda message: None, reuse=True)
+        ws.child = lambda key, args, echo=True: calls.append((key, args))
+        return ws
+
+    calls = []
+    out = workspace().streamed("v2-3b", "int4")
+    assert [key for key, _ in calls] == ["ckpt-v2-3b", "onnx-v2-3b-int4-streamed"]
+    export = calls[1][1]
+    assert export[:2] == ["-m", "export"] and export[-3:] == ["--dtype", "int4", "--no-float32-reference"]
+    assert export[export.index("--checkpoint") + 1] == str(tmp_path / "ckpt-v2-3b" / "llm")
+    assert export[export.index("--out") + 1] == str(out)
+    calls.clear()
+    assert workspace().streamed("v2-3b", "int4") == out and calls == []
+
+
+def test_real_section_sizes():
+    """--quick stays a wiring check of minutes: no real-size model or codec (the 3B alone builds for ~7 min)."""
+    from bench.config import Config
+    from bench.sections.real import sizes
+
+    assert sizes(Config.make(quick=False)) == ("v2.5-1b", "real", "v2-3b")
+    quick = sizes(Config.make(quick=True))
+    assert not {"v2.5-1b", "real", "v2-3b"} & set(quick)

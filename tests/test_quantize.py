@@ -245,6 +245,29 @@ def test_make_export_int4_straight_from_the_checkpoint(tiny_checkpoint, int4, tm
         np.testing.assert_array_equal(got, want)
 
 
+def test_make_export_takes_the_block_size_and_accuracy_level(tiny_checkpoint, tiny_artifacts, tmp_path):
+    """BLOCK_SIZE= / ACCURACY_LEVEL= reach every quantized node and the manifest, and give the graphs that
+    quantizing the float32 export with the same scheme gives; a scheme the ops do not take is refused."""
+    from export.__main__ import main
+
+    out = tmp_path / "int4"
+    argv = ["--checkpoint", str(tiny_checkpoint / "llm"), "--out", str(out), "--dtype", "int4", "--no-float32-reference"]
+    assert main(argv + ["--block-size", "64", "--accuracy-level", "0"]) == 0
+    scheme = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert (scheme["block_size"], scheme["accuracy_level"]) == (64, 0)
+    for file in ("backbone_text.onnx", "backbone_audio.onnx"):
+        nodes = [n for n in onnx.load(str(out / file), load_external_data=False).graph.node if n.domain == "com.microsoft"]
+        attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+        assert nodes and all(a["block_size"] == 64 and a.get("accuracy_level", 0) == 0 for a in attrs)
+    same = quantize_artifacts(tiny_artifacts, tmp_path / "from-float32", bits=4, block_size=64, accuracy_level=0, log=lambda _: None)
+    config = load_config(tiny_checkpoint / "llm")
+    for got, want in zip(_outputs(out, config), _outputs(same.parent, config), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(SystemExit) as refused:
+        main(argv + ["--block-size", "48"])
+    assert refused.value.code == 2
+
+
 @pytest.fixture(scope="module")
 def tied_checkpoint(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint with its text head equal to its text embedding (tie_word_embeddings in its values)."""
