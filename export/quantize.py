@@ -61,7 +61,10 @@ from engines.manifest import BACKBONE_GRAPHS, MANIFEST_FILE, WEIGHTS_FILE
 from .onnx_export import ALIGN, external_location, graph_entry, point_to_weights, write_manifest
 
 BITS = {"int4": 4, "int8": 8}  # make export DTYPE= -> bits
-DEFAULT_BLOCK_SIZE = 32  # issue 13: 1B audio step 3.75x faster than float32 at block 32, accuracy_level 4
+# issue 13: 1B audio step 3.75x faster than float32 at block 32, accuracy_level 4; 128 is 1.2-1.5x faster still and further
+# from float32 (docs/cpu.md). Both are onnxruntime-genai's model builder defaults for int4 on the CPU
+# (src/python/py/models/builder.py: int4_block_size 32, int4_accuracy_level 4 for the cpu EP).
+DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations inside the kernel (MLAS's fastest CPU path)
 ROWS_PER_BLOCK = 4096  # output rows (N) quantized at a time: bounds RSS for the 128k-row text head
 # check-onnx gate: |quantized graph - float32 model holding the same dequantized weights| <= RTOL x max |reference|,
