@@ -22,7 +22,7 @@ the float32 export stores once, too: the two ops read the same bytes). Tensors a
 of rows at a time (from the memory-mapped float32 file, or from one checkpoint tensor in float32), so
 peak RSS stays near the largest tensor, whatever the model size.
 
-Checks: `QUANTIZED_RTOL` and `dequantized_weights` are check-onnx's gate (a misplaced weight fails it),
+Checks: `QUANTIZED_RTOL` and `DequantizedWeights` are check-onnx's gate (a misplaced weight fails it),
 `agreement` / `distance_report` the numbers against float32 that check-onnx, verify and bench report.
 
 Op reference, onnxruntime 1.32.0: docs/ContribOperators.md, which is the text of the schemas the installed
@@ -50,6 +50,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,9 @@ def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, bits: int, k: int) 
     """Inverse of `quantize_blocks` as the op defines it: (N, K) float32 (for checks and error reports)."""
     if bits == 4:
         codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(codes.shape[0], codes.shape[1], -1)
-    values = (codes.astype(np.float32) - (1 << (bits - 1))) * scales[:, :, None]
+    values = codes.astype(np.float32)
+    values -= 1 << (bits - 1)  # in place: check-onnx dequantizes a 3B's layer (176M weights) on every forward call
+    values *= scales[:, :, None]
     return values.reshape(codes.shape[0], -1)[:, :k]
 
 
@@ -335,24 +338,44 @@ def _stored(source: np.memmap, tensor: onnx.TensorProto, dtype) -> np.ndarray:
 _QUANTIZED_OPS = {"MatMulNBits": 1, "GatherBlockQuantized": 0}  # op -> index of its codes input; scales: input 2
 
 
-def dequantized_weights(artifacts: Path):
-    """(checkpoint tensor name, (N, K) float32) for every weight the quantized graphs store, each once: the
-    values the MatMulNBits kernels multiply by and the GatherBlockQuantized kernels look up, i.e. the float32
-    reference of exactly these graphs."""
-    source = np.memmap(Path(artifacts) / WEIGHTS_FILE, np.uint8, mode="r")
-    seen = set()
-    for file in BACKBONE_GRAPHS.values():
-        model = onnx.load(str(Path(artifacts) / file), load_external_data=False)
-        initializers = {t.name: t for t in model.graph.initializer}
-        for node in model.graph.node:
-            if node.op_type not in _QUANTIZED_OPS or node.input[2] in seen:  # a tied head and table share scales
-                continue
-            seen.add(node.input[2])
-            attrs, codes = _attrs(node), initializers[node.input[_QUANTIZED_OPS[node.op_type]]]
-            scales = _stored(source, initializers[node.input[2]], np.float32).reshape(codes.dims[0], -1)
-            codes = _stored(source, codes, np.uint8).reshape(*scales.shape, -1)
-            k = attrs.get("K", scales.shape[1] * attrs["block_size"])  # a table is whole blocks
-            yield node.input[2].removesuffix(".scales"), dequantize_blocks(codes, scales, attrs["bits"], k)
+class DequantizedWeights(Mapping):
+    """Checkpoint tensor name -> (N, K) float32 for every weight the quantized graphs store: the values the
+    MatMulNBits kernels multiply by and the GatherBlockQuantized kernels look up, i.e. the float32 reference of
+    exactly these graphs (check-onnx's gate). Lazy: a weight is dequantized from the memory-mapped weights.bin
+    when it is looked up, so check-onnx holds one decoder layer of them at a time (all of a 3B's are 23 GB).
+    Each name is dequantized from the codes of the first node reading its scales (prefill graph first; a tied
+    head and table share theirs), so a node of another graph wired to the wrong bytes fails the gate."""
+
+    def __init__(self, artifacts: Path):
+        self._source = np.memmap(Path(artifacts) / WEIGHTS_FILE, np.uint8, mode="r")
+        self._stored: dict[str, tuple[dict, onnx.TensorProto, onnx.TensorProto]] = {}  # name -> attrs, codes, scales
+        for file in BACKBONE_GRAPHS.values():
+            model = onnx.load(str(Path(artifacts) / file), load_external_data=False)
+            initializers = {t.name: t for t in model.graph.initializer}
+            for node in model.graph.node:
+                if node.op_type in _QUANTIZED_OPS:
+                    self._stored.setdefault(node.input[2].removesuffix(".scales"), (
+                        _attrs(node), initializers[node.input[_QUANTIZED_OPS[node.op_type]]], initializers[node.input[2]]))
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """(N, K) of `name`, without dequantizing it."""
+        attrs, codes, scales = self._stored[name]
+        return codes.dims[0], attrs.get("K", scales.dims[1] * attrs["block_size"])  # a table is whole blocks
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        attrs, codes, scales = self._stored[name]
+        n, k = self.shape(name)
+        scale = _stored(self._source, scales, np.float32).reshape(n, -1)
+        return dequantize_blocks(_stored(self._source, codes, np.uint8).reshape(*scale.shape, -1), scale, attrs["bits"], k)
+
+    def __contains__(self, name) -> bool:  # Mapping's would dequantize the weight
+        return name in self._stored
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
 
 
 def distance_report(artifacts: Path, frames: int = 200) -> str:

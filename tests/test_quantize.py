@@ -1,10 +1,12 @@
 """Weight-only quantized backbone graphs (export/quantize.py): the packing against the MatMulNBits and
-GatherBlockQuantized kernels, the tiny export quantized end to end against its float32 graphs, and the
+GatherBlockQuantized kernels, the tiny export quantized end to end against its float32 graphs, the
 check-onnx / verify gate and report for quantized graphs (a misplaced weight or table must fail
-check-onnx), and the streamed export (export/streamed.py) against the torch exporter's graphs."""
+check-onnx; its reference holds one decoder layer at a time and computes what the whole model does), and
+the streamed export (export/streamed.py) against the torch exporter's graphs."""
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 
@@ -12,12 +14,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from export import check_onnx
+from export.checkpoint import expected_shapes
 from export.config import load_config
+from export.llm import Mode
 from export.onnx_export import external_location, point_to_weights
-from export.quantize import agreement, dequantize_blocks, quantize_artifacts, quantize_blocks
+from export.quantize import DequantizedWeights, agreement, dequantize_blocks, quantize_artifacts, quantize_blocks, scheme
 from goldens import requires_golden
 
 
@@ -148,6 +153,76 @@ def test_check_onnx_passes_quantized_graphs(int4, capsys):
     out = capsys.readouterr().out
     assert "against the float32 model holding their dequantized weights" in out
     assert "int4 vs the float32 graphs in" in out and "greedy frames equal over 200" in out
+
+
+@pytest.mark.parametrize("artifacts", ["tiny_artifacts", "int4"])
+def test_the_streamed_reference_computes_what_the_whole_model_computes(request, tiny_checkpoint, artifacts):
+    """check-onnx's reference, which reads each decoder layer's weights just before the layer runs, against the
+    whole model loaded at once with the graphs' weights: the checkpoint's (float32 graphs), or the dequantized
+    ones the int4 graphs store."""
+    from export.llm import load_backbone
+
+    artifacts = request.getfixturevalue(artifacts)
+    whole = load_backbone(tiny_checkpoint / "llm")
+    if scheme(artifacts):
+        params = dict(whole.named_parameters())
+        for name, weight in DequantizedWeights(artifacts).items():
+            params[name].copy_(torch.from_numpy(weight))
+    streamed = check_onnx.reference_backbone(tiny_checkpoint / "llm", torch.float32, artifacts)
+    for mode in check_onnx.GRAPH_MODES.values():
+        for feed in check_onnx._backbone_feeds(whole.config, mode, np.float32, np.random.default_rng(0)):
+            want, got = check_onnx._backbone_outputs(whole, mode, feed), check_onnx._backbone_outputs(streamed, mode, feed)
+            assert got.keys() == want.keys()
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{mode}: {name}")
+
+
+def _materialized_layers(model) -> int:
+    return sum(any(not p.is_meta for p in layer.parameters()) for layer in model.layers)
+
+
+def test_check_onnx_holds_one_decoder_layer_at_a_time(int4):
+    """What lets a 3B's gate run in 24 GB (its whole float32 reference is 23 GB): whenever any module of the
+    reference runs, at most one of its decoder layers has weights."""
+    from export.llm import HiggsAudioBackbone
+
+    models, held = [], []
+
+    def watch(module, *args):
+        if isinstance(module, HiggsAudioBackbone):
+            models.append(module)
+        held.append(_materialized_layers(models[-1]))
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(watch), torch.nn.modules.module.register_module_forward_hook(watch)]
+    try:
+        assert check_onnx.main(["--artifacts", str(int4), "--graphs", "audio"]) == 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert max(held) == 1 and _materialized_layers(models[-1]) == 0
+
+
+def test_the_reference_reads_a_layer_once_per_forward_call(tiny_checkpoint, int4, monkeypatch):
+    """The price of holding one layer: each forward call dequantizes every layer's weights once (check-onnx makes
+    two per graph); the embeddings and heads are dequantized once in all."""
+    reads = collections.Counter()
+    dequantize = DequantizedWeights.__getitem__
+    monkeypatch.setattr(DequantizedWeights, "__getitem__", lambda self, name: reads.update([name]) or dequantize(self, name))
+    model = check_onnx.reference_backbone(tiny_checkpoint / "llm", torch.float32, int4)
+    assert reads and set(reads.values()) == {1} and not any(name.startswith("layers.") for name in reads)
+    calls = 3
+    for feed in [check_onnx._backbone_feeds(model.config, Mode.AUDIO, np.float32, np.random.default_rng(i))[0] for i in range(calls)]:
+        check_onnx._backbone_outputs(model, Mode.AUDIO, feed)
+    layers = {name: count for name, count in reads.items() if name.startswith("layers.")}
+    products = {name for name, shape in expected_shapes(model.config).items() if name.startswith("layers.") and len(shape) == 2}
+    assert layers.keys() == products and set(layers.values()) == {calls}
+    assert set((reads - collections.Counter(layers)).values()) == {1}
+
+
+def test_check_onnx_names_the_fix_for_a_missing_checkpoint(tiny_artifacts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        check_onnx.main(["--artifacts", str(tiny_artifacts), "--checkpoint", str(tmp_path / "moved")])
+    assert refused.value.code == 2 and "--checkpoint DIR (make check-onnx CHECKPOINT=DIR)" in capsys.readouterr().err
 
 
 def _swap_weights(graph, first: str, second: str) -> None:
