@@ -69,7 +69,7 @@ $(TINY)/.done: $(STAMP) export/tiny.py
 
 tiny: $(TINY)/.done
 
-build/tiny-onnx/manifest.json: $(TINY)/.done
+build/tiny-onnx/manifest.json: $(TINY)/.done export/onnx_codec.py
 	$(PY) -m export --checkpoint $(TINY)/llm --codec $(TINY)/codec --out build/tiny-onnx
 
 demo: build/tiny-onnx/manifest.json

@@ -77,10 +77,10 @@ class TimedDecoder:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def decode(self, codes):
+    def decode(self, codes, context=(0, 0)):
         started = time.perf_counter()
         try:
-            return self.inner.decode(codes)
+            return self.inner.decode(codes, context)
         finally:
             self.seconds += time.perf_counter() - started
             self.calls += 1

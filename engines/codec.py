@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 METADATA_KEY = "higgs_codec"
 STREAM_MAX_FRAMES = 64  # StreamingDecoder's default cap on a chunk, in code frames (its docstring gives the cost per size)
@@ -116,26 +121,36 @@ class EncodeGeometry:
         )
 
 
-def decoder_context_frames(ratios: tuple[int, ...], hop_length: int) -> int:
-    """Code frames of context on each side that make a chunked decode exact (spec §6.3).
+def decoder_reach(ratios: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Samples an output needs beyond its own span at each decoder stage input (spec §6.3).
 
-    Walks the structural support of one latent frame through the DAC decoder: conv k7 (+-3), per
-    block the transposed conv maps [a, b] -> [s*a - ceil(s/2), s*b - ceil(s/2) + 2s - 1] and three
-    k7 residual units with dilations 1, 3, 9 widen it by 39, then the final k7 conv (+-3).
-    Real codec: frame 0 reaches samples [-9458, 959 + 9433] -> 10 frames each side.
+    For the audio of frames [A, B), the input of a stage running at h samples per frame must hold
+    samples [A h - left, B h - 1 + right]. Returns (left, right) at the latent (the first conv's
+    input, one sample per frame), then at the input of each decoder block. Walks back from the
+    output through the DAC decoder: final k7 conv (+-3); per block three k7 residual units with
+    dilations 1, 3, 9 (+-39), then the transposed conv (kernel 2s, padding ceil(s/2)), whose output
+    n reads inputs ceil((n + pad - 2s + 1) / s) .. floor((n + pad) / s); first k7 conv (+-3).
+    Real codec: 10 latent frames each side; 7, 12, 18, 28, 15 samples at the blocks' inputs.
     """
     lo, hi = -3, 3
-    for s in ratios:
+    reach = []
+    for s in reversed(ratios):
         pad = math.ceil(s / 2)
-        lo, hi = s * lo - pad - 39, s * hi - pad + 2 * s - 1 + 39
-    lo, hi = lo - 3, hi + 3
-    return max(math.ceil(-lo / hop_length), math.ceil((hi - hop_length + 1) / hop_length))
+        lo, hi = math.ceil((lo - 39 + pad - 2 * s + 1) / s), 1 + (hi + 39 + pad - 1) // s
+        reach.append((-lo, hi))
+    return [(3 - lo, hi + 3)] + reach[::-1]
 
 
-def _session(onnx_path: str | Path, providers: list | None):
+def decoder_context_frames(ratios: tuple[int, ...]) -> int:
+    """Code frames of context on each side that make a chunked decode exact: the latent's reach."""
+    return max(decoder_reach(ratios)[0])
+
+
+def _session(onnx_path: str | Path, providers: list | None, cpu_threads: int | None = None):
     """ORT session; by default CUDA when this onnxruntime has it, else CPU (the codec graphs are fp32).
     Providers, options and session come from ort_runtime either way, so a CUDA codec session gets the
-    same explicit provider list and the same placement check as the backbone."""
+    same explicit provider list and the same placement check as the backbone. A CPU session gets
+    `cpu_threads` intra-op threads (None: ONNX Runtime's default, one per core)."""
     import onnxruntime as ort
 
     from .ort_runtime import CUDA_EP, open_session, provider_name, providers_for, session_options
@@ -143,7 +158,11 @@ def _session(onnx_path: str | Path, providers: list | None):
     if providers is None:
         providers = providers_for("cuda" if CUDA_EP in ort.get_available_providers() else "cpu")
     device = "cuda" if provider_name(providers[0]) == CUDA_EP else "cpu"
-    return open_session(onnx_path, session_options(device), providers)
+    return open_session(onnx_path, session_options(device, cpu_threads if device == "cpu" else None), providers)
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _metadata(session, onnx_path) -> dict:
@@ -154,18 +173,35 @@ def _metadata(session, onnx_path) -> dict:
 
 
 class CodecDecoder:
-    """codes -> 24 kHz audio with the exported decoder graph (codes clipped to the codebook inside)."""
+    """codes -> 24 kHz audio with the exported decoder graph (codes clipped to the codebook inside).
 
-    def __init__(self, onnx_path: str | Path, providers: list | None = None):
-        self.session = _session(onnx_path, providers)
+    On the CPU every graph call runs on one thread, and a decode is cut in time into up to `workers`
+    pieces (default: the cores this process may use) decoded side by side, each with `context_frames`
+    of context where it meets another: the graph trims context to what the kept frames reach, so a
+    cut costs little. Measured on 2 cores with the real-size codec, two single-threaded halves take
+    ~0.7x the wall time and ~0.9x the CPU time of one call on ONNX Runtime's two intra-op threads,
+    whose parallel kernels leave a core idle during the serial ones (Sin is single-threaded).
+    """
+
+    def __init__(self, onnx_path: str | Path, providers: list | None = None, workers: int | None = None):
+        self.session = _session(onnx_path, providers, cpu_threads=1)
         meta = _metadata(self.session, onnx_path)
+        self.trims = "context" in {i.name for i in self.session.get_overridable_initializers()}
+        if not self.trims:
+            log.warning("%s decodes whole windows (exported before the graph trimmed their context): re-export it with "
+                        "make export for a faster streaming decode", onnx_path)
         self.num_quantizers: int = meta["num_quantizers"]
         self.hop_length: int = meta["hop_length"]
         self.sample_rate: int = meta["sample_rate"]
         self.context_frames: int = meta["context_frames"]
+        on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
+        self.workers = (workers or _usable_cores()) if on_cpu else 1
+        self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="codec") if self.workers > 1 else None
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """(n_q, T) -> (960 T,) float32, or (B, n_q, T) -> (B, 960 T) float32 (mono, channel dropped)."""
+    def decode(self, codes: np.ndarray, context: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """(n_q, T) -> (960 T',) float32, or (B, n_q, T) -> (B, 960 T') float32 (mono, channel dropped):
+        the audio of the T' = T - left - right frames between the `context` = (left, right) frames at
+        either end, which only give them their context (not decoded beyond what the middle needs)."""
         codes = np.asarray(codes)
         if codes.ndim not in (2, 3) or codes.shape[-2] != self.num_quantizers or codes.shape[-1] < 1:
             raise ValueError(
@@ -173,35 +209,59 @@ class CodecDecoder:
                 f"got shape {codes.shape}; the graph takes all {self.num_quantizers} codebooks (the torch "
                 "reference export.codec.HiggsCodec.decode handles fewer)"
             )
-        batch = codes if codes.ndim == 3 else codes[None]
-        audio = self.session.run(["audio"], {"codes": np.ascontiguousarray(batch, dtype=np.int64)})[0]
-        return audio[0, 0] if codes.ndim == 2 else audio[:, 0]
+        if min(context) < 0 or sum(context) >= codes.shape[-1]:
+            raise ValueError(f"context {context} must be >= 0 and leave at least one of the {codes.shape[-1]} frames")
+        batch = np.ascontiguousarray(codes if codes.ndim == 3 else codes[None], dtype=np.int64)
+        first, *others = [(batch[..., lo:hi], piece_context) for lo, hi, piece_context in self.pieces(batch.shape[-1], context)]
+        futures = [self._pool.submit(self._run, *piece) for piece in others]
+        audio = np.concatenate([self._run(*first)] + [f.result() for f in futures], axis=-1)
+        return audio[0] if codes.ndim == 2 else audio
+
+    def pieces(self, frames: int, context: tuple[int, int]) -> list[tuple[int, int, tuple[int, int]]]:
+        """(start, end, context) of each piece of a `frames` long window with `context`: its kept
+        frames cut into up to `workers` runs, each piece reaching `context_frames` beyond its run (or
+        to the window's end), so its audio is the window's."""
+        left, right = context
+        kept = frames - left - right
+        count = min(self.workers, kept)
+        cuts = [left + kept * i // count for i in range(count + 1)]
+        out = []
+        for a, b in zip(cuts, cuts[1:]):
+            lo, hi = max(0, a - self.context_frames), min(frames, b + self.context_frames)
+            out.append((lo, hi, (a - lo, hi - b)))
+        return out
+
+    def _run(self, codes: np.ndarray, context: tuple[int, int]) -> np.ndarray:
+        if self.trims:
+            return self.session.run(["audio"], {"codes": codes, "context": np.asarray(context, np.int64)})[0][:, 0]
+        audio = self.session.run(["audio"], {"codes": codes})[0][:, 0]
+        return audio[:, context[0] * self.hop_length : audio.shape[-1] - context[1] * self.hop_length]
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeWindow:
-    """Code frames to decode and the samples of the result that are final (the rest is context)."""
+    """Code frames to decode; the `context` frames at each end only make the others final."""
 
     codes: np.ndarray  # (n_q, W) int64
-    keep_from: int  # first final sample of the decoded window
-    keep_to: int
+    context: tuple[int, int]  # frames at the start and at the end whose audio is not wanted
+    hop_length: int
 
     @property
     def samples(self) -> int:
-        return self.keep_to - self.keep_from
+        return (self.codes.shape[1] - sum(self.context)) * self.hop_length
 
 
 def decode_windows(decoder: CodecDecoder, windows: list[DecodeWindow]) -> list[np.ndarray]:
-    """Final PCM of each window. Windows of equal length share one batched graph call: many streams
-    cost one decode per step instead of one each, and no padding ever changes a sample."""
+    """Final PCM of each window. Windows of equal length and context share one batched graph call:
+    many streams cost one decode per step instead of one each, and no padding ever changes a sample."""
     out: list[np.ndarray | None] = [None] * len(windows)
-    by_length: dict[int, list[int]] = {}
+    by_shape: dict[tuple, list[int]] = {}
     for index, window in enumerate(windows):
-        by_length.setdefault(window.codes.shape[1], []).append(index)
-    for indices in by_length.values():
-        audio = decoder.decode(np.stack([windows[i].codes for i in indices]))
+        by_shape.setdefault((window.codes.shape[1], window.context), []).append(index)
+    for (_, context), indices in by_shape.items():
+        audio = decoder.decode(np.stack([windows[i].codes for i in indices]), context)
         for row, i in enumerate(indices):
-            out[i] = audio[row, windows[i].keep_from : windows[i].keep_to]
+            out[i] = audio[row]
     return out
 
 
@@ -214,10 +274,12 @@ class StreamingDecoder:
 
     Schedule: the first chunk is emitted as soon as one frame is final (latency); after that a
     chunk waits for as many new final frames as were already emitted, capped at `max_frames`,
-    and at least `min_frames`. Every decode re-runs up to 2 `context` frames, so a chunk of k frames
-    costs (k + 2 context) / k of its one-shot share: 3.5x at 8 frames, 1.3x at 64 (real codec,
-    context 10). Doubling reaches the large chunks after a few decodes, and the listener never
-    waits on a gap: each chunk is no longer than the audio it already has.
+    and at least `min_frames`. Every decode holds up to `context` frames on each side, but the graph
+    decodes that context only through its first conv and block and a few samples further
+    (export.onnx_codec.FoldedDecoder), so a chunk costs its one-shot share plus a fixed ~20-30 ms of
+    one core (real-size codec): per audio second ~1.7x a one-shot decode at 8 frames, ~1.05x at 64
+    (decoding whole windows, 3.5x and 1.3x). Doubling reaches the large chunks after a few decodes,
+    and the listener never waits on a gap: each chunk is no longer than the audio it already has.
     `plan_push` / `plan_flush` return the window to decode instead of decoding it, so a caller
     running many streams can decode their windows together (`decode_windows`); `push` / `flush`
     decode one stream's window right away.
@@ -269,8 +331,8 @@ class StreamingDecoder:
     def _window(self, end: int) -> DecodeWindow:
         lo = max(0, self._emitted - self.context)
         hi = min(self._received, end + self.context)
-        hop = self.decoder.hop_length
-        window = DecodeWindow(self._codes[:, lo - self._start : hi - self._start], (self._emitted - lo) * hop, (end - lo) * hop)
+        codes = self._codes[:, lo - self._start : hi - self._start]
+        window = DecodeWindow(codes, (self._emitted - lo, hi - end), self.decoder.hop_length)
         self._emitted = end
         keep_from = max(0, end - self.context)  # left context of the next chunk
         self._codes = self._codes[:, keep_from - self._start :]

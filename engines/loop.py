@@ -218,7 +218,8 @@ class Engine:
         self.sampler(logits, np.ones(1), np.zeros(1, np.int64), np.ones(1), np.zeros((1, 2, spec.num_codebooks)))
         self.runtime.release(slot)
         if self.codec is not None:
-            self.codec.decode(np.zeros((self.codec.num_quantizers, 2 * self.codec.context_frames + 1), np.int64))
+            context = self.codec.context_frames  # a streamed window's shape: one frame between its two contexts
+            self.codec.decode(np.zeros((self.codec.num_quantizers, 2 * context + 1), np.int64), (context, context))
         self._ready.set()
 
     # -- the loop -----------------------------------------------------------------------------------

@@ -96,12 +96,12 @@ class _GatedDecoder:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def decode(self, codes):
+    def decode(self, codes, context=(0, 0)):
         seen, deadline = len(self.audio_steps), time.monotonic() + 3
         while len(self.audio_steps) == seen and time.monotonic() < deadline:
             time.sleep(0.001)
         self.overlapped.append(len(self.audio_steps) > seen)
-        return self.inner.decode(codes)
+        return self.inner.decode(codes, context)
 
 
 def test_codec_decodes_while_the_next_backbone_step_runs(tiny_artifacts):

@@ -105,7 +105,7 @@ def section_real(ws: Workspace, cfg: Config, log: Log) -> Section:
                          "shared prepacked-weights container)")
 
     # streaming codec
-    decoder = CodecDecoder(codec_path, ["CPUExecutionProvider"])
+    decoder = CodecDecoder(codec_path, ["CPUExecutionProvider"], workers=threads)
     stream_frames = DEFAULT_STREAM_FRAMES
     seconds = 10.0
     codes = np.random.default_rng(0).integers(0, 1024, (decoder.num_quantizers, int(seconds * AUDIO_FRAME_RATE)))
