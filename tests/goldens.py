@@ -24,11 +24,16 @@ ENCODE_RTOL = 1e-4
 requires_golden = pytest.mark.skipif(GOLDEN_ROOT is None, reason="golden vectors not found (set HIGGS_GOLDEN)")
 
 
-def load(name: str):
-    """cases.npz of one golden set (sampling, llm_tiny, llm_tiny_eos3, codec_tiny), or skip the test."""
+def golden_dir(name: str) -> Path:
+    """The folder of one golden set (its cases.npz, and for llm_* its checkpoint), or skip the test."""
     if GOLDEN_ROOT is None or not (GOLDEN_ROOT / name / "cases.npz").is_file():
         pytest.skip(f"golden vectors {name} not found (set HIGGS_GOLDEN to the shared/golden folder)")
-    return np.load(GOLDEN_ROOT / name / "cases.npz")
+    return GOLDEN_ROOT / name
+
+
+def load(name: str):
+    """cases.npz of one golden set (sampling, llm_tiny, llm_tiny_eos3, codec_tiny), or skip the test."""
+    return np.load(golden_dir(name) / "cases.npz")
 
 
 def cases() -> dict[str, np.ndarray]:

@@ -10,14 +10,21 @@ import torch
 
 from export.llm import Mode, load_backbone
 from export.verify import golden_prompts, llm_cases, torch_logits
-from goldens import LLM_GOLDEN_DIRS, LOGITS_ATOL, load
+from goldens import LOGITS_ATOL, golden_dir, load
 
 GOLDENS = ["llm_tiny", "llm_tiny_eos3"]
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {name: load_backbone(LLM_GOLDEN_DIRS[name]) for name in GOLDENS if name in LLM_GOLDEN_DIRS}
+    """The golden checkpoints (skips without ../shared)."""
+    return {name: load_backbone(golden_dir(name)) for name in GOLDENS}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    """The embedded tiny default: the spec's invariants hold for any checkpoint, so these run in every clone."""
+    return load_backbone(tiny_checkpoint / "llm")
 
 
 def golden_errors(model, golden) -> dict[str, float]:
@@ -73,10 +80,10 @@ def test_parity_fails_when_a_weight_is_misplaced(models, mistake):
     assert max(errors.values()) > 100 * LOGITS_ATOL, errors
 
 
-def test_routing_equivalence_and_causality(models):
+def test_routing_equivalence_and_causality(tiny_model):
     """Spec §7.3: with audio weights = text weights a DualFFN layer is a plain Llama layer for any mask;
     with distinct weights, a text position before every audio position ignores all audio weights."""
-    model = copy.deepcopy(models["llm_tiny"])
+    model = copy.deepcopy(tiny_model)
     length = 12
     x = torch.randn(1, length, model.config.hidden_size)
     model.embed = lambda *args: x  # same layer inputs whatever the routing
@@ -99,9 +106,9 @@ def test_routing_equivalence_and_causality(models):
     assert torch.allclose(hidden(Mode.AUDIO, None), text_only, atol=1e-6)
 
 
-def test_audio_embedding_offsets_and_head_layout(models):
+def test_audio_embedding_offsets_and_head_layout(tiny_model):
     """Spec §7.4-7.5: column c embeds as sum_k E[k*1026 + c_k]; flat head index k*1026+v is logits[k][v]."""
-    model = models["llm_tiny"]
+    model = tiny_model
     column = torch.tensor([1024] * 8)
     expected = model.audio_codebook_embeddings.weight[torch.arange(8) * 1026 + 1024].sum(0)
     assert torch.allclose(model.embed_audio(column[None, None])[0, 0], expected)
