@@ -159,7 +159,9 @@ def machine_description() -> str:
         import platform
 
         model = platform.processor() or "unknown CPU"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from engines.codec import usable_cores
+
+    cores = usable_cores()
     try:
         import psutil
 

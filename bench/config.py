@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 
 @dataclasses.dataclass
@@ -67,4 +66,6 @@ class Config:
     def cores(self) -> int:
         if self.threads:
             return self.threads
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from engines.codec import usable_cores
+
+        return usable_cores()

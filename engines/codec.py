@@ -161,7 +161,8 @@ def _session(onnx_path: str | Path, providers: list | None, cpu_threads: int | N
     return open_session(onnx_path, session_options(device, cpu_threads if device == "cpu" else None), providers)
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -195,7 +196,7 @@ class CodecDecoder:
         self.sample_rate: int = meta["sample_rate"]
         self.context_frames: int = meta["context_frames"]
         on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
-        self.workers = (workers or _usable_cores()) if on_cpu else 1
+        self.workers = (workers or usable_cores()) if on_cpu else 1
         self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="codec") if self.workers > 1 else None
 
     def decode(self, codes: np.ndarray, context: tuple[int, int] = (0, 0)) -> np.ndarray:
